@@ -1,0 +1,354 @@
+"""Mimi, Kyutai's streaming neural audio codec: 24 kHz audio ↔ 12.5 Hz discrete codes.
+
+Faithful to Kyutai's PyTorch `moshi.models.compression.MimiModel` (0.2.13); the public API
+mirrors transformers' `MimiModel` (arrays in its layouts: audio [B, 1, L], codes [B, n, T]).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import InputError
+from ..modules.conv import StreamingConv1d, StreamingConvTranspose1d
+from ..modules.rvq import SplitResidualVectorQuantizer
+from ..modules.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
+from ..modules.transformer import Transformer, TransformerConfig
+
+
+@dataclass
+class MimiConfig:
+    """Every field of transformers' MimiConfig, with the same defaults (Kyutai's release)."""
+
+    sampling_rate: int = 24_000
+    frame_rate: float = 12.5
+    audio_channels: int = 1
+    hidden_size: int = 512
+    num_filters: int = 64
+    num_residual_layers: int = 1
+    upsampling_ratios: list[int] = field(default_factory=lambda: [8, 6, 5, 4])
+    kernel_size: int = 7
+    last_kernel_size: int = 3
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    use_causal_conv: bool = True
+    pad_mode: str = "constant"
+    compress: int = 2
+    trim_right_ratio: float = 1.0
+    codebook_size: int = 2048
+    codebook_dim: int = 256
+    num_quantizers: int = 32
+    use_conv_shortcut: bool = False
+    vector_quantization_hidden_dimension: int = 256
+    num_semantic_quantizers: int = 1
+    upsample_groups: int = 512
+    num_hidden_layers: int = 8
+    intermediate_size: int = 2048
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 8000
+    initializer_range: float = 0.02
+    norm_eps: float = 1e-5
+    use_cache: bool = False
+    use_streaming: bool = False
+    rope_theta: float = 10_000.0
+    sliding_window: int = 250
+    attention_dropout: float = 0.0
+    layer_scale_initial_scale: float = 0.01
+    attention_bias: bool = False
+    model_type: str = "mimi"
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        problems = []
+        if not self.use_causal_conv:
+            problems.append("use_causal_conv=False (only causal Mimi is supported)")
+        if self.trim_right_ratio != 1.0:
+            problems.append(f"trim_right_ratio={self.trim_right_ratio} (only 1.0 is supported)")
+        if self.num_key_value_heads != self.num_attention_heads:
+            problems.append("num_key_value_heads != num_attention_heads (no grouped-query attention in Mimi)")
+        if self.hidden_act != "gelu":
+            problems.append(f"hidden_act={self.hidden_act!r} (only exact 'gelu')")
+        if self.use_conv_shortcut:
+            problems.append("use_conv_shortcut=True (Mimi uses identity skips)")
+        if self.upsample_groups not in (1, self.hidden_size):
+            problems.append(f"upsample_groups={self.upsample_groups}")
+        if not 0 < self.num_semantic_quantizers < self.num_quantizers:
+            problems.append("num_semantic_quantizers must be in [1, num_quantizers)")
+        if problems:
+            raise ValueError("unsupported MimiConfig: " + "; ".join(problems))
+
+    # -- derived sizes ------------------------------------------------------------
+    @property
+    def hop_length(self) -> int:
+        """Samples per encoder step (SEANet's total stride): 960 at 24 kHz."""
+        return math.prod(self.upsampling_ratios)
+
+    @property
+    def encodec_frame_rate(self) -> float:
+        return self.sampling_rate / self.hop_length
+
+    @property
+    def frame_size(self) -> int:
+        """Samples per code frame: 1920 for the release (80 ms)."""
+        return int(round(self.sampling_rate / self.frame_rate))
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.num_quantizers
+
+    # -- serialisation --------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MimiConfig":
+        """Accepts our own dicts and transformers' config.json (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if kwargs.get("frame_rate") is None:
+            kwargs.pop("frame_rate", None)
+            if d.get("_frame_rate") is not None:
+                kwargs["frame_rate"] = d["_frame_rate"]
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "MimiConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # -- building blocks ------------------------------------------------------------
+    def seanet(self) -> SEANetConfig:
+        return SEANetConfig(
+            channels=self.audio_channels, dimension=self.hidden_size, n_filters=self.num_filters,
+            n_residual_layers=self.num_residual_layers, ratios=tuple(self.upsampling_ratios),
+            kernel_size=self.kernel_size, residual_kernel_size=self.residual_kernel_size,
+            last_kernel_size=self.last_kernel_size, dilation_base=self.dilation_growth_rate,
+            compress=self.compress, pad_mode=self.pad_mode)
+
+    def transformer(self) -> TransformerConfig:
+        return TransformerConfig(
+            d_model=self.hidden_size, num_heads=self.num_attention_heads, num_layers=self.num_hidden_layers,
+            dim_feedforward=self.intermediate_size, context=self.sliding_window, causal=True,
+            max_period=self.rope_theta, positional_embedding="rope", norm="layer_norm", gating="none",
+            layer_scale=self.layer_scale_initial_scale, bias_attn=self.attention_bias)
+
+
+@dataclass
+class MimiEncoderOutput:
+    audio_codes: mx.array  # [B, n, T] int32
+
+
+@dataclass
+class MimiDecoderOutput:
+    audio_values: mx.array  # [B, 1, L] float32
+
+
+@dataclass
+class MimiOutput:
+    audio_codes: mx.array
+    audio_values: mx.array
+
+
+def _as_array(x: Any, what: str) -> mx.array:
+    if isinstance(x, mx.array):
+        return x
+    try:
+        return mx.array(np.asarray(x))
+    except Exception as e:  # noqa: BLE001 - report what the caller passed
+        raise InputError(f"{what}: expected a numpy or mlx array, got {type(x).__name__} ({e})") from None
+
+
+class MimiModel(nn.Module):
+    """Mimi codec. Batch: `encode`, `decode`, `__call__`. Streaming: `encode_step`,
+    `decode_step` with explicit state (`reset_state()`, or `with model.streaming():`)."""
+
+    def __init__(self, config: MimiConfig | None = None):
+        super().__init__()
+        cfg = config or MimiConfig()
+        self.config = cfg
+        seanet = cfg.seanet()
+        self.encoder = SEANetEncoder(seanet)
+        self.decoder = SEANetDecoder(seanet)
+        self.encoder_transformer = Transformer(cfg.transformer())
+        self.decoder_transformer = Transformer(cfg.transformer())
+        stride = int(round(cfg.encodec_frame_rate / cfg.frame_rate))
+        if stride * cfg.frame_rate != cfg.encodec_frame_rate:
+            raise ValueError(f"frame_rate {cfg.frame_rate} must divide the encoder rate {cfg.encodec_frame_rate}")
+        # Kyutai's ConvDownsample1d / ConvTrUpsample1d: kernel 2·stride, no bias.
+        self.downsample = StreamingConv1d(cfg.hidden_size, cfg.hidden_size, 2 * stride, stride=stride,
+                                          bias=False, pad_mode="replicate")
+        self.upsample = StreamingConvTranspose1d(cfg.hidden_size, cfg.hidden_size, 2 * stride, stride=stride,
+                                                 groups=cfg.upsample_groups, bias=False)
+        self.quantizer = SplitResidualVectorQuantizer(
+            cfg.num_quantizers, cfg.num_semantic_quantizers, cfg.codebook_size, cfg.codebook_dim,
+            cfg.hidden_size, cfg.hidden_size)
+
+    # -- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path = "kyutai/mimi", *, revision: str | None = None,
+                        dtype: mx.Dtype = mx.float32) -> "MimiModel":
+        """A local weights file, a local directory, or a Hugging Face repo id (Kyutai's
+        release file or the transformers layout)."""
+        from ..weights import load_mimi
+
+        return load_mimi(path_or_repo_id, revision=revision, dtype=dtype)
+
+    @property
+    def frame_size(self) -> int:
+        return self.config.frame_size
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.config.sampling_rate
+
+    # -- validation -------------------------------------------------------------------
+    def _check_audio(self, x: Any, streaming: bool) -> mx.array:
+        x = _as_array(x, "input_values")
+        if x.ndim != 3 or x.shape[1] != self.config.audio_channels:
+            raise InputError(f"input_values must have shape [batch, {self.config.audio_channels}, samples], "
+                             f"got {list(x.shape)}")
+        if x.shape[0] == 0 or x.shape[2] == 0:
+            raise InputError(f"input_values is empty (shape {list(x.shape)})")
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise InputError(f"input_values must be floating-point audio in [-1, 1], got dtype {x.dtype}")
+        if streaming and x.shape[2] % self.frame_size:
+            raise InputError(f"encode_step needs a multiple of {self.frame_size} samples per call "
+                             f"(got {x.shape[2]}): buffer the audio into {self.frame_size}-sample frames")
+        if not mx.all(mx.isfinite(x)).item():
+            raise InputError("input_values contains NaN or Inf samples")
+        return x.astype(mx.float32)
+
+    def _check_num_quantizers(self, n: int | None) -> int:
+        total = self.config.num_quantizers
+        if n is None:
+            return total
+        if not isinstance(n, (int, np.integer)) or not 1 <= n <= total:
+            raise InputError(f"num_quantizers must be an integer in [1, {total}], got {n!r}")
+        return int(n)
+
+    def _check_codes(self, codes: Any) -> mx.array:
+        codes = _as_array(codes, "audio_codes")
+        total, card = self.config.num_quantizers, self.config.codebook_size
+        if codes.ndim != 3 or not 1 <= codes.shape[1] <= total:
+            raise InputError(f"audio_codes must have shape [batch, n (1..{total}), frames], got {list(codes.shape)}")
+        if codes.shape[0] == 0 or codes.shape[2] == 0:
+            raise InputError(f"audio_codes is empty (shape {list(codes.shape)})")
+        if mx.issubdtype(codes.dtype, mx.floating):
+            if not mx.all(codes == mx.floor(codes)).item():
+                raise InputError("audio_codes must be integers")
+        lo, hi = mx.min(codes).item(), mx.max(codes).item()
+        if lo < 0 or hi >= card:
+            raise InputError(f"audio_codes must lie in [0, {card}), found values in [{lo}, {hi}]")
+        return codes.astype(mx.int32)
+
+    # -- batch ------------------------------------------------------------------------------
+    def _latent(self, x: mx.array, streaming: bool) -> mx.array:
+        """[B, L, 1] → pre-quantization latent [B, T, D] at the frame rate."""
+        if streaming:
+            h = self.encoder.step(x)
+            h = self.encoder_transformer.step(h)
+            return self.downsample.step(h)
+        return self.downsample(self.encoder_transformer(self.encoder(x)))
+
+    def _audio(self, latent: mx.array, streaming: bool) -> mx.array:
+        if streaming:
+            h = self.upsample.step(latent)
+            h = self.decoder_transformer.step(h)
+            return self.decoder.step(h)
+        return self.decoder(self.decoder_transformer(self.upsample(latent)))
+
+    def encode_to_latent(self, input_values: Any) -> mx.array:
+        """Unquantized latent [B, hidden_size, T] (what the quantizers see)."""
+        x = self._pad_to_frames(self._check_audio(input_values, streaming=False))
+        return self._latent(x, streaming=False).transpose(0, 2, 1)
+
+    def _pad_to_frames(self, x: mx.array) -> mx.array:
+        # Kyutai 0.2.13 zero-pads the input to a whole number of frames, then runs the
+        # same causal convolutions as streaming: [B, 1, L] → [B, ceil(L/1920)·1920, 1].
+        L = x.shape[2]
+        extra = -L % self.frame_size
+        x = x.transpose(0, 2, 1)
+        return mx.pad(x, [(0, 0), (0, extra), (0, 0)]) if extra else x
+
+    def encode(self, input_values: Any, padding_mask: Any = None, num_quantizers: int | None = None,
+               ) -> MimiEncoderOutput:
+        """input_values [B, 1, L] → `.audio_codes` [B, n, ceil(L / 1920)].
+
+        Like transformers, `padding_mask` is accepted but does not change the codes (the
+        model is causal: padding at the end cannot affect earlier frames).
+        """
+        n = self._check_num_quantizers(num_quantizers)
+        x = self._check_audio(input_values, streaming=False)
+        if padding_mask is not None:
+            self._check_padding_mask(padding_mask, x.shape[0], x.shape[2])
+        latent = self._latent(self._pad_to_frames(x), streaming=False)
+        codes = self.quantizer.encode(latent, n)
+        return MimiEncoderOutput(codes.transpose(0, 2, 1))
+
+    def decode(self, audio_codes: Any, padding_mask: Any = None) -> MimiDecoderOutput:
+        """audio_codes [B, n, T] → `.audio_values` [B, 1, T·1920], trimmed to
+        `padding_mask.shape[-1]` samples when a padding mask is given."""
+        codes = self._check_codes(audio_codes)
+        latent = self.quantizer.decode(codes.transpose(0, 2, 1))
+        audio = self._audio(latent, streaming=False).transpose(0, 2, 1)
+        if padding_mask is not None:
+            length = self._check_padding_mask(padding_mask, codes.shape[0], None)
+            audio = audio[..., :length]
+        return MimiDecoderOutput(audio)
+
+    def __call__(self, input_values: Any, padding_mask: Any = None, num_quantizers: int | None = None,
+                 ) -> MimiOutput:
+        codes = self.encode(input_values, padding_mask, num_quantizers).audio_codes
+        audio = self.decode(codes, padding_mask).audio_values
+        return MimiOutput(codes, audio)
+
+    @staticmethod
+    def _check_padding_mask(mask: Any, batch: int, length: int | None) -> int:
+        shape = tuple(np.shape(mask)) if not isinstance(mask, mx.array) else tuple(mask.shape)
+        if len(shape) not in (2, 3) or shape[0] != batch or (length is not None and shape[-1] != length):
+            want = f"[{batch}, {length if length is not None else 'samples'}]"
+            raise InputError(f"padding_mask must have shape {want}, got {list(shape)}")
+        return shape[-1]
+
+    # -- streaming --------------------------------------------------------------------------
+    def reset_state(self) -> None:
+        """Forget all streaming state (encoder and decoder)."""
+        for _, module in self.named_modules():
+            if hasattr(module, "stream_state"):
+                module.stream_state = None
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator["MimiModel"]:
+        """`with mimi.streaming(): ...` starts and ends with a clean streaming state."""
+        self.reset_state()
+        try:
+            yield self
+        finally:
+            self.reset_state()
+
+    def encode_step(self, pcm: Any, num_quantizers: int | None = None) -> mx.array:
+        """pcm [B, 1, 1920·k] → codes [B, n, k]; continues from the previous call."""
+        n = self._check_num_quantizers(num_quantizers)
+        x = self._check_audio(pcm, streaming=True).transpose(0, 2, 1)
+        latent = self._latent(x, streaming=True)
+        return self.quantizer.encode(latent, n).transpose(0, 2, 1)
+
+    def decode_step(self, codes: Any) -> mx.array:
+        """codes [B, n, k] → pcm [B, 1, 1920·k]; continues from the previous call."""
+        codes = self._check_codes(codes)
+        latent = self.quantizer.decode(codes.transpose(0, 2, 1))
+        return self._audio(latent, streaming=True).transpose(0, 2, 1)

@@ -1,0 +1,73 @@
+"""Residual vector quantization (Kyutai's SplitResidualVectorQuantizer).
+
+Activations are [B, T, D]. Codebooks are stored resolved (embedding_sum / cluster_usage,
+computed once at load time in weights.py), as [n_q, bins, dim].
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Bias-free 1×1 input/output projections around a stack of Euclidean codebooks."""
+
+    def __init__(self, n_q: int, bins: int, dim: int, input_dim: int, output_dim: int):
+        super().__init__()
+        self.input_proj = nn.Linear(input_dim, dim, bias=False)
+        self.output_proj = nn.Linear(dim, output_dim, bias=False)
+        self.codebooks = mx.random.normal((n_q, bins, dim))
+
+    @property
+    def n_q(self) -> int:
+        return self.codebooks.shape[0]
+
+    def encode(self, x: mx.array, n_q: int) -> mx.array:
+        """x [B, T, input_dim] → codes [B, T, n_q] (int32): nearest code, residual −= code."""
+        residual = self.input_proj(x)
+        codes = []
+        for i in range(n_q):
+            cb = self.codebooks[i]
+            # ‖r − c‖² = ‖r‖² − 2 r·c + ‖c‖²; ‖r‖² is the same for every c so it is dropped.
+            dist = (cb * cb).sum(-1) - 2.0 * (residual @ cb.T)
+            idx = mx.argmin(dist, axis=-1)
+            codes.append(idx)
+            residual = residual - cb[idx]
+        return mx.stack(codes, axis=-1).astype(mx.int32)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """codes [B, T, n] → [B, T, output_dim]: output_proj of the sum of the codewords."""
+        q = self.codebooks[0][codes[..., 0]]
+        for i in range(1, codes.shape[-1]):
+            q = q + self.codebooks[i][codes[..., i]]
+        return self.output_proj(q)
+
+
+class SplitResidualVectorQuantizer(nn.Module):
+    """`n_q_semantic` semantic codebooks (`rvq_first`) and the acoustic rest (`rvq_rest`).
+
+    Both quantizers encode the same latent: the acoustic RVQ does not start from the
+    semantic one's residual. Decoding sums both projections.
+    """
+
+    def __init__(self, n_q: int, n_q_semantic: int, bins: int, dim: int, input_dim: int, output_dim: int):
+        super().__init__()
+        self.n_q_semantic = n_q_semantic
+        self.rvq_first = ResidualVectorQuantizer(n_q_semantic, bins, dim, input_dim, output_dim)
+        self.rvq_rest = ResidualVectorQuantizer(n_q - n_q_semantic, bins, dim, input_dim, output_dim)
+
+    @property
+    def n_q(self) -> int:
+        return self.rvq_first.n_q + self.rvq_rest.n_q
+
+    def encode(self, x: mx.array, n_q: int) -> mx.array:
+        codes = self.rvq_first.encode(x, min(n_q, self.n_q_semantic))
+        if n_q > self.n_q_semantic:
+            codes = mx.concatenate([codes, self.rvq_rest.encode(x, n_q - self.n_q_semantic)], axis=-1)
+        return codes
+
+    def decode(self, codes: mx.array) -> mx.array:
+        out = self.rvq_first.decode(codes[..., : self.n_q_semantic])
+        if codes.shape[-1] > self.n_q_semantic:
+            out = out + self.rvq_rest.decode(codes[..., self.n_q_semantic:])
+        return out

@@ -1,0 +1,115 @@
+"""SEANet convolutional encoder/decoder (Kyutai's `moshi.modules.seanet`, causal, no norm).
+
+Layer indices follow the checkpoints: `layers.{i}` here is `encoder.model.{i}` in Kyutai's
+files and `encoder.layers.{i}` in transformers', with parameterless ELUs keeping their slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .conv import StreamingConv1d, StreamingConvTranspose1d
+
+
+@dataclass
+class SEANetConfig:
+    channels: int = 1
+    dimension: int = 512
+    n_filters: int = 64
+    n_residual_layers: int = 1
+    ratios: tuple[int, ...] = (8, 6, 5, 4)  # decoder order; the encoder uses them reversed
+    kernel_size: int = 7
+    residual_kernel_size: int = 3
+    last_kernel_size: int = 3
+    dilation_base: int = 2
+    compress: int = 2
+    pad_mode: str = "constant"
+
+
+class ELU(nn.Module):
+    def __call__(self, x: mx.array) -> mx.array:
+        return nn.elu(x)
+
+
+def _step(layer: nn.Module, x: mx.array) -> mx.array:
+    step = getattr(layer, "step", None)
+    return step(x) if step is not None else layer(x)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv_k1(elu(conv_k3(elu(x)))) with a true (identity) skip."""
+
+    def __init__(self, dim: int, kernel_size: int, dilation: int, compress: int, pad_mode: str):
+        super().__init__()
+        hidden = dim // compress
+        self.block = [
+            ELU(),
+            StreamingConv1d(dim, hidden, kernel_size, dilation=dilation, pad_mode=pad_mode),
+            ELU(),
+            StreamingConv1d(hidden, dim, 1, pad_mode=pad_mode),
+        ]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x
+        for layer in self.block:
+            y = layer(y)
+        return x + y
+
+    def step(self, x: mx.array) -> mx.array:
+        y = x
+        for layer in self.block:
+            y = _step(layer, y)
+        return x + y
+
+
+def _residual_stage(cfg: SEANetConfig, dim: int) -> list[nn.Module]:
+    return [ResidualBlock(dim, cfg.residual_kernel_size, cfg.dilation_base ** j, cfg.compress, cfg.pad_mode)
+            for j in range(cfg.n_residual_layers)]
+
+
+class _Sequential(nn.Module):
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = layers
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def step(self, x: mx.array) -> mx.array:
+        for layer in self.layers:
+            x = _step(layer, x)
+        return x
+
+
+class SEANetEncoder(_Sequential):
+    """[B, T, channels] → [B, T / prod(ratios), dimension]."""
+
+    def __init__(self, cfg: SEANetConfig):
+        mult = 1
+        layers: list[nn.Module] = [StreamingConv1d(cfg.channels, cfg.n_filters, cfg.kernel_size, pad_mode=cfg.pad_mode)]
+        for ratio in reversed(cfg.ratios):
+            dim = mult * cfg.n_filters
+            layers += _residual_stage(cfg, dim)
+            layers += [ELU(), StreamingConv1d(dim, 2 * dim, 2 * ratio, stride=ratio, pad_mode=cfg.pad_mode)]
+            mult *= 2
+        layers += [ELU(), StreamingConv1d(mult * cfg.n_filters, cfg.dimension, cfg.last_kernel_size, pad_mode=cfg.pad_mode)]
+        super().__init__(layers)
+
+
+class SEANetDecoder(_Sequential):
+    """[B, T, dimension] → [B, T · prod(ratios), channels]."""
+
+    def __init__(self, cfg: SEANetConfig):
+        mult = 2 ** len(cfg.ratios)
+        layers: list[nn.Module] = [StreamingConv1d(cfg.dimension, mult * cfg.n_filters, cfg.kernel_size, pad_mode=cfg.pad_mode)]
+        for ratio in cfg.ratios:
+            dim = mult * cfg.n_filters
+            layers += [ELU(), StreamingConvTranspose1d(dim, dim // 2, 2 * ratio, stride=ratio)]
+            layers += _residual_stage(cfg, dim // 2)
+            mult //= 2
+        layers += [ELU(), StreamingConv1d(cfg.n_filters, cfg.channels, cfg.last_kernel_size, pad_mode=cfg.pad_mode)]
+        super().__init__(layers)

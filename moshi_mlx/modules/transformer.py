@@ -1,0 +1,244 @@
+"""Streaming transformer shared by Mimi and the Moshi LM (Kyutai's StreamingTransformer).
+
+Activations are [B, T, D]. Attention uses a fused `in_proj` ([3·D, D], Kyutai's layout),
+RoPE with interleaved pairs (Kyutai's convention; transformers-format weights are permuted
+back at load time, see weights.py), a causal mask limited to `context` steps, and in
+streaming mode a rotating KV cache of `context` entries that never runs out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+@dataclass
+class TransformerConfig:
+    d_model: int
+    num_heads: int
+    num_layers: int
+    dim_feedforward: int
+    context: int | None = None  # attention span in steps (query t sees t − context + 1 … t)
+    causal: bool = True
+    max_period: float = 10_000.0  # RoPE θ
+    positional_embedding: str = "rope"  # "rope" or "none"
+    norm: str = "layer_norm"  # "layer_norm" (with bias, eps 1e-5) or "rms_norm_f32" (eps 1e-8)
+    gating: str = "none"  # "none": linear2(gelu(linear1 x)); "silu": SiLU-gated linear_in/out
+    layer_scale: float | None = None  # initial value; None = no layer scale
+    bias_ff: bool = False
+    bias_attn: bool = False
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = mx.full((dim,), init)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x * self.scale
+
+
+class RMSNormF32(nn.Module):
+    """Kyutai's `rms_norm_f32`: statistics in float32, eps 1e-8, weight named `alpha`."""
+
+    def __init__(self, dim: int, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+        self.alpha = mx.ones((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.fast.rms_norm(x.astype(mx.float32), self.alpha.astype(mx.float32), self.eps)
+        return y.astype(x.dtype)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind == "layer_norm":
+        return nn.LayerNorm(dim, eps=1e-5)
+    if kind == "rms_norm_f32":
+        return RMSNormF32(dim)
+    raise ValueError(f"unknown norm {kind!r} (expected 'layer_norm' or 'rms_norm_f32')")
+
+
+class KVCache:
+    """Rotating KV cache holding the last `capacity` steps: it never runs out.
+
+    Like Kyutai's RingKVCache, new keys are written before attending, so a chunk of T steps
+    can overwrite entries its own first queries would have seen once the ring is full: the
+    reference streams this way and we do the same. Writes are slice updates of preallocated
+    buffers (MLX reuses the buffer when nothing else holds it), so a step costs O(T), not
+    O(capacity).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0  # steps written since the last reset
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, np.ndarray]:
+        """k, v [B, H, T, Dh] → all cached keys/values and their absolute positions (−1 = empty)."""
+        B, H, T, Dh = k.shape
+        cap = self.capacity
+        if T > cap:  # only the last `cap` steps of the chunk can be kept
+            k, v = k[:, :, -cap:], v[:, :, -cap:]
+            self.offset += T - cap
+            T = cap
+        if self.keys is None:
+            self.keys = mx.zeros((B, H, cap, Dh), dtype=k.dtype)
+            self.values = mx.zeros((B, H, cap, v.shape[-1]), dtype=v.dtype)
+        start = self.offset % cap
+        first = min(T, cap - start)
+        self.keys[:, :, start:start + first] = k[:, :, :first]
+        self.values[:, :, start:start + first] = v[:, :, :first]
+        if first < T:
+            self.keys[:, :, :T - first] = k[:, :, first:]
+            self.values[:, :, :T - first] = v[:, :, first:]
+        self.offset += T
+        # Absolute position held by each slot: slot s holds the latest p < offset with p % cap == s.
+        slots = np.arange(cap)
+        last = self.offset - 1
+        positions = last - ((last - slots) % cap)
+        positions[positions < 0] = -1
+        if self.offset < cap:  # not full yet: hand out only the written prefix (no mask needed)
+            return self.keys[:, :, :self.offset], self.values[:, :, :self.offset], positions[:self.offset]
+        return self.keys, self.values, positions
+
+
+def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None) -> mx.array | None:
+    """Boolean [Tq, Tk] mask: key visible if written, not in the future, within the context."""
+    delta = pos_q[:, None] - pos_k[None, :]
+    ok = (pos_k[None, :] >= 0) & (delta >= 0)
+    if context is not None:
+        ok &= delta < context
+    if ok.all():
+        return None
+    return mx.array(ok)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.num_heads = cfg.num_heads
+        self.head_dim = d // cfg.num_heads
+        self.in_proj = nn.Linear(d, 3 * d, bias=cfg.bias_attn)
+        self.out_proj = nn.Linear(d, d, bias=cfg.bias_attn)
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        if self.cfg.positional_embedding != "rope":
+            return x
+        return mx.fast.rope(x, self.head_dim, traditional=True, base=self.cfg.max_period,
+                            scale=1.0, offset=offset)
+
+    def __call__(self, x: mx.array, cache: KVCache | None, offset: int) -> mx.array:
+        """x [B, T, D]; `offset` is the absolute position of x[:, 0]."""
+        B, T, D = x.shape
+        qkv = self.in_proj(x).reshape(B, T, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = self._rope(qkv[0], offset), self._rope(qkv[1], offset), qkv[2]
+        scale = self.head_dim ** -0.5
+        pos_q = np.arange(offset, offset + T)
+        if cache is not None:
+            k, v, pos_k = cache.update_and_fetch(k, v)
+            mask = _attention_mask(pos_q, pos_k, self.cfg.context) if self.cfg.causal else None
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        else:
+            out = self._batch_attention(q, k, v, pos_q, scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
+
+    def _batch_attention(self, q, k, v, pos, scale, block: int = 512) -> mx.array:
+        """Whole-sequence attention, in blocks of queries so memory stays O(T · context)."""
+        T = q.shape[2]
+        if not self.cfg.causal:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        ctx = self.cfg.context
+        outs = []
+        for start in range(0, T, block):
+            end = min(T, start + block)
+            k0 = 0 if ctx is None else max(0, start - ctx + 1)
+            mask = _attention_mask(pos[start:end], pos[k0:end], ctx)
+            outs.append(mx.fast.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, k0:end], v[:, :, k0:end], scale=scale, mask=mask))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+class GatedFeedForward(nn.Module):
+    """Kyutai's ActivationGating: linear_out(silu(a) · b) with [a, b] = linear_in(x)."""
+
+    def __init__(self, d: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.linear_in = nn.Linear(d, 2 * hidden, bias=bias)
+        self.linear_out = nn.Linear(hidden, d, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        a, b = mx.split(self.linear_in(x), 2, axis=-1)
+        return self.linear_out(nn.silu(a) * b)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.self_attn = Attention(cfg)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model)
+        if cfg.gating == "none":
+            self.linear1 = nn.Linear(cfg.d_model, cfg.dim_feedforward, bias=cfg.bias_ff)
+            self.linear2 = nn.Linear(cfg.dim_feedforward, cfg.d_model, bias=cfg.bias_ff)
+        elif cfg.gating == "silu":
+            self.gating = GatedFeedForward(cfg.d_model, cfg.dim_feedforward, cfg.bias_ff)
+        else:
+            raise ValueError(f"unknown gating {cfg.gating!r} (expected 'none' or 'silu')")
+        if cfg.layer_scale is not None:
+            self.layer_scale_1 = LayerScale(cfg.d_model, cfg.layer_scale)
+            self.layer_scale_2 = LayerScale(cfg.d_model, cfg.layer_scale)
+
+    def _ff(self, x: mx.array) -> mx.array:
+        if self.cfg.gating == "none":
+            # exact (erf) GELU, as in the reference; not the tanh approximation
+            return self.linear2(nn.gelu(self.linear1(x)))
+        return self.gating(x)
+
+    def __call__(self, x: mx.array, cache: KVCache | None, offset: int) -> mx.array:
+        h = self.self_attn(self.norm1(x), cache, offset)
+        x = x + (self.layer_scale_1(h) if "layer_scale_1" in self else h)
+        h = self._ff(self.norm2(x))
+        return x + (self.layer_scale_2(h) if "layer_scale_2" in self else h)
+
+
+@dataclass
+class TransformerState:
+    caches: list[KVCache]
+    offset: int = 0
+
+
+class Transformer(nn.Module):
+    """A stack of layers. `__call__` is the batch path; `step` streams with rotating caches."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
+        self.stream_state: TransformerState | None = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers:
+            x = layer(x, None, 0)
+        return x
+
+    def step(self, x: mx.array) -> mx.array:
+        if self.stream_state is None:
+            if self.cfg.context is None:
+                raise ValueError("streaming needs a finite attention context")
+            self.stream_state = TransformerState([KVCache(self.cfg.context) for _ in self.layers])
+        st = self.stream_state
+        for layer, cache in zip(self.layers, st.caches):
+            x = layer(x, cache, st.offset)
+        st.offset += x.shape[1]
+        return x

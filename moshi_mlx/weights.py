@@ -1,0 +1,329 @@
+"""Weight loading: the one place that knows every checkpoint layout.
+
+Layouts are told apart by key names, never by tensor shapes. Each mapping turns a source
+state dict into moshi_mlx's own parameter tree; loading is strict: missing, unexpected and
+mis-shaped keys are all reported by name.
+
+Mimi layouts:
+- "kyutai": Kyutai's release file (`tokenizer-e351c8d8-checkpoint125.safetensors`):
+  `encoder.model.0.conv.conv.weight`, `...transformer.layers.N.self_attn.in_proj_weight`,
+  `quantizer.rvq_rest.vq.layers.3._codebook.embedding_sum`, … (torch conv layouts).
+- "transformers": `model.safetensors` + `config.json` from transformers' MimiModel:
+  `encoder.layers.0.conv.weight`, separate q/k/v projections with q/k rows permuted for
+  rotate-half RoPE, `quantizer.acoustic_residual_vector_quantizer.layers.N.codebook.embed_sum`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import CheckpointError
+from .hub import is_local, list_files, resolve_file
+
+MIMI_KYUTAI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+
+# ----------------------------------------------------------------------------------------
+# Reading safetensors files with useful errors
+
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors header against the file size; return the header."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointError(f"{path}: not a safetensors file (bad header length {n})")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    data = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        end = info.get("data_offsets", [0, 0])[1]
+        if end > data:
+            raise CheckpointError(f"{path}: file is truncated (tensor {key!r} needs {end} data bytes, "
+                                  f"the file has {data}); download it again")
+    return header
+
+
+def read_safetensors(paths: list[Path]) -> dict[str, mx.array]:
+    state: dict[str, mx.array] = {}
+    for path in paths:
+        check_safetensors(path)
+        try:
+            part = mx.load(str(path))
+        except Exception as e:  # noqa: BLE001 - MLX's message is terse; name the file
+            raise CheckpointError(f"{path}: cannot load safetensors ({e})") from None
+        state.update(part)
+    return state
+
+
+def weight_files(directory: Path, stem: str = "model") -> list[Path]:
+    """`model.safetensors`, or the shards listed by `model.safetensors.index.json`."""
+    index = directory / f"{stem}.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    return [directory / f"{stem}.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------
+# Strict assignment
+
+
+def assign(model: nn.Module, weights: dict[str, mx.array], source: str, dtype: mx.Dtype | None = None) -> None:
+    """Load `weights` (already in moshi_mlx naming and layout) into `model`, strictly."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if extra:
+        problems.append(f"unexpected keys: {_few(extra)}")
+    for k in sorted(set(expected) & set(weights)):
+        if tuple(expected[k].shape) != tuple(weights[k].shape):
+            problems.append(f"{k}: checkpoint shape {list(weights[k].shape)} != model shape {list(expected[k].shape)}")
+    if problems:
+        raise CheckpointError(f"{source}: does not match the model config: " + "; ".join(problems[:12]))
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    # Layout conversions are lazy strided views; make them contiguous once here, or every
+    # matmul that reshapes a weight would copy it again on each call.
+    weights = {k: mx.contiguous(v) for k, v in weights.items()}
+    model.update(tree_unflatten(list(weights.items())))
+    mx.eval(model.parameters())
+
+
+def _few(keys: list[str], n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f" … (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+# ----------------------------------------------------------------------------------------
+# Tensor layout conversions (torch → moshi_mlx)
+
+
+def conv_weight(w: mx.array) -> mx.array:
+    """torch Conv1d [out, in, k] → MLX [out, k, in]."""
+    return w.transpose(0, 2, 1)
+
+
+def convtr_weight(w: mx.array) -> mx.array:
+    """torch ConvTranspose1d [in, out/groups, k] → [in, k, out], or [C, k] when depthwise."""
+    if w.shape[1] == 1:
+        return w[:, 0, :]
+    return w.transpose(0, 2, 1)
+
+
+def codebook(embedding_sum: mx.array, cluster_usage: mx.array) -> mx.array:
+    usage = mx.maximum(cluster_usage.astype(mx.float32), 1e-5)
+    return embedding_sum.astype(mx.float32) / usage[:, None]
+
+
+def unpermute_rotate_half(w: mx.array, num_heads: int) -> mx.array:
+    """Undo transformers' q/k row permutation (interleaved → rotate-half RoPE).
+
+    transformers writes w.view(h, d/2, 2, D).transpose(1, 2); this is its inverse.
+    """
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // num_heads
+    return w.reshape(num_heads, 2, head_dim // 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
+
+
+# ----------------------------------------------------------------------------------------
+# Mimi
+
+_MIMI_TRANSFORMER_RENAMES = {  # transformers → ours, inside `*_transformer.layers.N.`
+    "self_attn.o_proj.weight": "self_attn.out_proj.weight",
+    "mlp.fc1.weight": "linear1.weight",
+    "mlp.fc2.weight": "linear2.weight",
+    "input_layernorm.weight": "norm1.weight",
+    "input_layernorm.bias": "norm1.bias",
+    "post_attention_layernorm.weight": "norm2.weight",
+    "post_attention_layernorm.bias": "norm2.bias",
+    "self_attn_layer_scale.scale": "layer_scale_1.scale",
+    "mlp_layer_scale.scale": "layer_scale_2.scale",
+}
+
+
+def mimi_layout(keys: set[str]) -> str:
+    if any(k.startswith("encoder.model.") for k in keys) and any(k.startswith("quantizer.rvq_first.") for k in keys):
+        return "kyutai"
+    if any(k.startswith("encoder.layers.") for k in keys) and any(
+            k.startswith("quantizer.semantic_residual_vector_quantizer.") for k in keys):
+        return "transformers"
+    sample = ", ".join(sorted(keys)[:5])
+    raise CheckpointError(
+        "unknown Mimi checkpoint layout: expected Kyutai's release keys (encoder.model.*, "
+        "quantizer.rvq_first.*) or transformers' (encoder.layers.*, quantizer.semantic_residual_"
+        f"vector_quantizer.*); found e.g. {sample}")
+
+
+def _stack_codebooks(state: dict[str, mx.array], pattern: str, used: set[str], out: dict, prefix: str,
+                     sum_name: str, usage_name: str, flag_name: str) -> None:
+    """Collect `pattern`-matching codebook layers into out[prefix + '.codebooks'] [n, bins, dim]."""
+    rx = re.compile(pattern)
+    layers: dict[int, dict[str, mx.array]] = {}
+    for k, v in state.items():
+        m = rx.fullmatch(k)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = v
+            used.add(k)
+    if not layers:
+        return
+    cbs = []
+    for i in range(max(layers) + 1):
+        layer = layers.get(i, {})
+        if sum_name not in layer or usage_name not in layer:
+            raise CheckpointError(f"codebook {i} of {prefix}: missing {sum_name} or {usage_name}")
+        cbs.append(codebook(layer[sum_name], layer[usage_name]))
+    out[f"{prefix}.codebooks"] = mx.stack(cbs)
+
+
+def mimi_weights_from_kyutai(state: dict[str, mx.array]) -> dict[str, mx.array]:
+    out: dict[str, mx.array] = {}
+    used: set[str] = set()
+    for q in ("rvq_first", "rvq_rest"):
+        _stack_codebooks(state, rf"quantizer\.{q}\.vq\.layers\.(\d+)\._codebook\.(\w+)", used, out,
+                         f"quantizer.{q}", "embedding_sum", "cluster_usage", "_initialized")
+    for k, v in state.items():
+        if k in used:
+            continue
+        if m := re.fullmatch(r"(encoder|decoder)\.model\.(\d+)\.((?:block\.\d+\.)?)conv\.conv\.(weight|bias)", k):
+            name = f"{m[1]}.layers.{m[2]}.{m[3]}{m[4]}"
+            out[name] = conv_weight(v) if m[4] == "weight" else v
+        elif m := re.fullmatch(r"decoder\.model\.(\d+)\.convtr\.convtr\.(weight|bias)", k):
+            out[f"decoder.layers.{m[1]}.{m[2]}"] = convtr_weight(v) if m[2] == "weight" else v
+        elif m := re.fullmatch(r"(encoder|decoder)_transformer\.transformer\.layers\.(\d+)\.(.+)", k):
+            rest = m[3]
+            rest = {"self_attn.in_proj_weight": "self_attn.in_proj.weight",
+                    "self_attn.in_projs.0.weight": "self_attn.in_proj.weight",
+                    "self_attn.out_projs.0.weight": "self_attn.out_proj.weight"}.get(rest, rest)
+            out[f"{m[1]}_transformer.layers.{m[2]}.{rest}"] = v
+        elif k == "downsample.conv.conv.conv.weight":
+            out["downsample.weight"] = conv_weight(v)
+        elif k == "upsample.convtr.convtr.convtr.weight":
+            out["upsample.weight"] = convtr_weight(v)
+        elif m := re.fullmatch(r"quantizer\.(rvq_first|rvq_rest)\.(input_proj|output_proj)\.weight", k):
+            out[f"quantizer.{m[1]}.{m[2]}.weight"] = v[..., 0] if v.ndim == 3 else v
+        else:
+            out[k] = v  # reported as unexpected by assign()
+    return out
+
+
+def mimi_weights_from_transformers(state: dict[str, mx.array], num_heads: int) -> dict[str, mx.array]:
+    out: dict[str, mx.array] = {}
+    used: set[str] = set()
+    for src, q in (("semantic", "rvq_first"), ("acoustic", "rvq_rest")):
+        _stack_codebooks(state, rf"quantizer\.{src}_residual_vector_quantizer\.layers\.(\d+)\.codebook\.(\w+)",
+                         used, out, f"quantizer.{q}", "embed_sum", "cluster_usage", "initialized")
+    qkv: dict[str, dict[str, mx.array]] = {}
+    # The decoder's transposed convs sit at the slots right after each ELU that follows a
+    # stage: indices 2, 5, 8, 11 for 4 ratios (the same slots as Kyutai's `convtr`).
+    for k, v in state.items():
+        if k in used:
+            continue
+        if m := re.fullmatch(r"(encoder|decoder)\.layers\.(\d+)\.((?:block\.\d+\.)?)conv\.(weight|bias)", k):
+            name = f"{m[1]}.layers.{m[2]}.{m[3]}{m[4]}"
+            out[name] = v  # layout fixed below, once we know which modules are transposed convs
+        elif m := re.fullmatch(r"(encoder|decoder)_transformer\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", k):
+            qkv.setdefault(f"{m[1]}_transformer.layers.{m[2]}", {})[m[3]] = v
+        elif m := re.fullmatch(r"(encoder|decoder)_transformer\.layers\.(\d+)\.(.+)", k):
+            out[f"{m[1]}_transformer.layers.{m[2]}.{_MIMI_TRANSFORMER_RENAMES.get(m[3], m[3])}"] = v
+        elif k == "downsample.conv.weight":
+            out["downsample.weight"] = conv_weight(v)
+        elif k == "upsample.conv.weight":
+            out["upsample.weight"] = convtr_weight(v)
+        elif m := re.fullmatch(r"quantizer\.(semantic|acoustic)_residual_vector_quantizer\.(input_proj|output_proj)\.weight", k):
+            q = "rvq_first" if m[1] == "semantic" else "rvq_rest"
+            out[f"quantizer.{q}.{m[2]}.weight"] = v[..., 0] if v.ndim == 3 else v
+        else:
+            out[k] = v
+    for prefix, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{prefix}.self_attn: needs q_proj, k_proj and v_proj weights, found {sorted(parts)}")
+        q = unpermute_rotate_half(parts["q"], num_heads)
+        k = unpermute_rotate_half(parts["k"], num_heads)
+        out[f"{prefix}.self_attn.in_proj.weight"] = mx.concatenate([q, k, parts["v"]], axis=0)
+    return out
+
+
+def _fix_seanet_conv_layouts(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    """transformers names plain and transposed SEANet convs alike (`layers.N.conv.weight`):
+    pick the layout from the module the weight goes to (our own model's structure)."""
+    from .modules.conv import StreamingConvTranspose1d
+
+    modules = dict(model.named_modules())
+    for k in list(weights):
+        if re.fullmatch(r"(encoder|decoder)\.layers\.\d+\.(block\.\d+\.)?weight", k):
+            mod = modules.get(k.rsplit(".", 1)[0])
+            if isinstance(mod, StreamingConvTranspose1d):
+                weights[k] = convtr_weight(weights[k])
+            else:
+                weights[k] = conv_weight(weights[k])
+
+
+def _mimi_source(path_or_repo_id: str | Path, revision: str | None) -> tuple[list[Path], dict | None]:
+    """Weight files (and transformers config, if any) for a file, directory or repo id."""
+    p = Path(path_or_repo_id).expanduser()
+    if is_local(path_or_repo_id) and p.is_file():
+        cfg = p.parent / "config.json"
+        return [p], (json.loads(cfg.read_text()) if cfg.exists() and p.name != MIMI_KYUTAI_NAME and
+                     json.loads(cfg.read_text()).get("model_type") == "mimi" else None)
+    if is_local(path_or_repo_id) and not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    files = list_files(path_or_repo_id, revision)
+    config = None
+    if "config.json" in files:
+        config = json.loads(resolve_file(path_or_repo_id, "config.json", revision).read_text())
+        if config.get("model_type") == "mimi":
+            names = ["model.safetensors"]
+            if "model.safetensors.index.json" in files:
+                index = resolve_file(path_or_repo_id, "model.safetensors.index.json", revision)
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [resolve_file(path_or_repo_id, n, revision) for n in names], config
+        if config.get("mimi_name"):  # Kyutai STT/TTS repos and our converted directories
+            return [resolve_file(path_or_repo_id, config["mimi_name"], revision)], None
+    if MIMI_KYUTAI_NAME in files:
+        return [resolve_file(path_or_repo_id, MIMI_KYUTAI_NAME, revision)], None
+    candidates = [f for f in files if f.startswith("tokenizer-") and f.endswith(".safetensors")]
+    if len(candidates) == 1:
+        return [resolve_file(path_or_repo_id, candidates[0], revision)], None
+    raise CheckpointError(f"{path_or_repo_id}: no Mimi weights found (expected {MIMI_KYUTAI_NAME}, or "
+                          f"config.json with model_type 'mimi' + model.safetensors); files: {_few(files)}")
+
+
+def load_mimi(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.Dtype = mx.float32):
+    """Build a MimiModel from any supported Mimi checkpoint."""
+    from .models.mimi import MimiConfig, MimiModel
+
+    paths, hf_config = _mimi_source(path_or_repo_id, revision)
+    state = read_safetensors(paths)
+    layout = mimi_layout(set(state))
+    source = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} shards)"
+    if layout == "kyutai":
+        n_rest = len({k.split(".")[4] for k in state if k.startswith("quantizer.rvq_rest.vq.layers.")})
+        n_first = len({k.split(".")[4] for k in state if k.startswith("quantizer.rvq_first.vq.layers.")})
+        config = MimiConfig(num_quantizers=n_first + n_rest, num_semantic_quantizers=n_first)
+        weights = mimi_weights_from_kyutai(state)
+    else:
+        config = MimiConfig.from_dict(hf_config or {})
+        weights = mimi_weights_from_transformers(state, config.num_attention_heads)
+    model = MimiModel(config)
+    if layout == "transformers":
+        _fix_seanet_conv_layouts(model, weights)
+    assign(model, weights, source, dtype)
+    return model

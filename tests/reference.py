@@ -1,0 +1,106 @@
+"""Builders for the PyTorch reference models used by the parity tests.
+
+Everything here is test-only: it imports torch, Kyutai's `moshi` package and `transformers`.
+Models get random weights in-process and are saved in the real release layouts, so that
+moshi_mlx loads them through the same code paths users hit with downloaded checkpoints.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# The release Mimi file name in Kyutai's repos.
+MIMI_RELEASE_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+
+
+def _randomise_codebooks(layers, latent: np.ndarray, rng: np.random.Generator) -> None:
+    """Fill one RVQ's codebooks with code vectors sampled around the actual residuals.
+
+    Each layer's codewords are mean + 0.25·std·N(0, 1) of the residual that reaches it, so
+    nearest-code decisions have usable margins; cluster_usage is uniform in [0.5, 2] so the
+    loader's embedding_sum / cluster_usage division is exercised.
+    """
+    residual = latent.astype(np.float64)
+    for layer in layers:
+        cb = layer._codebook
+        n, d = cb.embedding_sum.shape
+        mean, std = residual.mean(0), residual.std(0) + 1e-6
+        codes = mean + 0.25 * std * rng.standard_normal((n, d))
+        usage = rng.uniform(0.5, 2.0, size=n)
+        cb.embedding_sum.copy_(torch.from_numpy(codes * usage[:, None]).float())
+        cb.cluster_usage.copy_(torch.from_numpy(usage).float())
+        cb._initialized.fill_(1.0)
+        codes32 = (cb.embedding_sum / cb.cluster_usage.clamp(min=1e-5)[:, None]).double().numpy()
+        d2 = ((residual[:, None, :] - codes32[None]) ** 2).sum(-1)
+        residual = residual - codes32[d2.argmin(1)]
+
+
+@torch.no_grad()
+def random_kyutai_mimi(pcm: np.ndarray, seed: int = 0):
+    """Kyutai's PyTorch Mimi (moshi 0.2.13) with random weights and usable codebooks.
+
+    `pcm` ([L] float, 24 kHz) is the audio whose latents the codebooks are fitted around.
+    """
+    from moshi.models import loaders
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    mimi = loaders.get_mimi(None, device="cpu")
+    mimi.eval()
+    # get_mimi(None) leaves layer scales at 0.01 and everything else at torch's default init:
+    # perturb the layer scales too so the transformers matter in the output.
+    for name, p in mimi.named_parameters():
+        if name.endswith("layer_scale_1.scale") or name.endswith("layer_scale_2.scale"):
+            p.copy_(torch.empty_like(p).uniform_(0.05, 0.3))
+    x = torch.from_numpy(pcm.astype(np.float32))[None, None]
+    x = x[..., : (x.shape[-1] // mimi.frame_size) * mimi.frame_size]
+    emb = mimi._encode_to_unquantized_latent(x)  # [1, 512, T]
+    q = mimi.quantizer
+    for rvq in (q.rvq_first, q.rvq_rest):
+        latent = rvq.input_proj(emb)[0].T.numpy()
+        _randomise_codebooks(rvq.vq.layers, latent, rng)
+    return mimi
+
+
+def kyutai_release_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict in the release key naming.
+
+    moshi 0.2.13's state_dict() writes attention weights as `in_projs.{i}.weight` /
+    `out_projs.{i}.weight`; the released files use `in_proj_weight` / `out_proj.weight`
+    (per-step weights stacked along dim 0).
+    """
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    stacked: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, value in module.state_dict().items():
+        m = re.match(r"(.*)\.(in_projs|out_projs)\.(\d+)\.weight$", key)
+        if m:
+            prefix, kind, idx = m.group(1), m.group(2), int(m.group(3))
+            name = f"{prefix}.in_proj_weight" if kind == "in_projs" else f"{prefix}.out_proj.weight"
+            stacked.setdefault(name, []).append((idx, value))
+        else:
+            out[key] = value
+    for name, parts in stacked.items():
+        parts.sort(key=lambda p: p[0])
+        out[name] = torch.cat([p[1] for p in parts], dim=0)
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def save_kyutai_mimi(mimi, path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(kyutai_release_state_dict(mimi), str(path))
+
+
+def speech_pcm(seconds: float = 12.0) -> np.ndarray:
+    """Real read speech (../shared/audio/bria.mp3), mono 24 kHz float32, `seconds` long."""
+    from pathlib import Path
+
+    from moshi_mlx.audio import read_audio
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "audio" / "bria.mp3"
+    if not path.exists():
+        raise FileNotFoundError(f"test audio missing: {path} (see ../shared/audio/README.md)")
+    pcm = read_audio(path, 24000).pcm
+    return pcm[: int(seconds * 24000)]
