@@ -13,26 +13,33 @@ import torch
 MIMI_RELEASE_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 
 
-def _randomise_codebooks(layers, latent: np.ndarray, rng: np.random.Generator) -> None:
+def randomise_codebooks(codebooks, latent: np.ndarray, rng: np.random.Generator) -> None:
     """Fill one RVQ's codebooks with code vectors sampled around the actual residuals.
 
+    `codebooks`: (embedding_sum, cluster_usage, initialized) tensor triples, one per layer.
     Each layer's codewords are mean + 0.25·std·N(0, 1) of the residual that reaches it, so
     nearest-code decisions have usable margins; cluster_usage is uniform in [0.5, 2] so the
     loader's embedding_sum / cluster_usage division is exercised.
     """
     residual = latent.astype(np.float64)
-    for layer in layers:
-        cb = layer._codebook
-        n, d = cb.embedding_sum.shape
+    for embedding_sum, cluster_usage, initialized in codebooks:
+        n, d = embedding_sum.shape
         mean, std = residual.mean(0), residual.std(0) + 1e-6
         codes = mean + 0.25 * std * rng.standard_normal((n, d))
         usage = rng.uniform(0.5, 2.0, size=n)
-        cb.embedding_sum.copy_(torch.from_numpy(codes * usage[:, None]).float())
-        cb.cluster_usage.copy_(torch.from_numpy(usage).float())
-        cb._initialized.fill_(1.0)
-        codes32 = (cb.embedding_sum / cb.cluster_usage.clamp(min=1e-5)[:, None]).double().numpy()
+        embedding_sum.copy_(torch.from_numpy(codes * usage[:, None]).float())
+        cluster_usage.copy_(torch.from_numpy(usage).float())
+        initialized.fill_(1.0)
+        codes32 = (embedding_sum / cluster_usage.clamp(min=1e-5)[:, None]).double().numpy()
         d2 = ((residual[:, None, :] - codes32[None]) ** 2).sum(-1)
         residual = residual - codes32[d2.argmin(1)]
+
+
+def _perturb_layer_scales(model: torch.nn.Module, suffixes: tuple[str, ...]) -> None:
+    # Random init leaves layer scales at 0.01: raise them so the transformers matter.
+    for name, p in model.named_parameters():
+        if name.endswith(suffixes):
+            p.copy_(torch.empty_like(p).uniform_(0.05, 0.3))
 
 
 @torch.no_grad()
@@ -47,19 +54,42 @@ def random_kyutai_mimi(pcm: np.ndarray, seed: int = 0):
     rng = np.random.default_rng(seed)
     mimi = loaders.get_mimi(None, device="cpu")
     mimi.eval()
-    # get_mimi(None) leaves layer scales at 0.01 and everything else at torch's default init:
-    # perturb the layer scales too so the transformers matter in the output.
-    for name, p in mimi.named_parameters():
-        if name.endswith("layer_scale_1.scale") or name.endswith("layer_scale_2.scale"):
-            p.copy_(torch.empty_like(p).uniform_(0.05, 0.3))
+    _perturb_layer_scales(mimi, ("layer_scale_1.scale", "layer_scale_2.scale"))
     x = torch.from_numpy(pcm.astype(np.float32))[None, None]
     x = x[..., : (x.shape[-1] // mimi.frame_size) * mimi.frame_size]
     emb = mimi._encode_to_unquantized_latent(x)  # [1, 512, T]
     q = mimi.quantizer
     for rvq in (q.rvq_first, q.rvq_rest):
         latent = rvq.input_proj(emb)[0].T.numpy()
-        _randomise_codebooks(rvq.vq.layers, latent, rng)
+        randomise_codebooks([(l._codebook.embedding_sum, l._codebook.cluster_usage, l._codebook._initialized)
+                             for l in rvq.vq.layers], latent, rng)
     return mimi
+
+
+@torch.no_grad()
+def random_transformers_mimi(pcm: np.ndarray, seed: int = 0):
+    """transformers' MimiModel (default config) with random weights and usable codebooks."""
+    from transformers import MimiConfig, MimiModel
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    model = MimiModel(MimiConfig()).eval()
+    _perturb_layer_scales(model, ("self_attn_layer_scale.scale", "mlp_layer_scale.scale"))
+    q = model.quantizer
+    rvqs = (q.semantic_residual_vector_quantizer, q.acoustic_residual_vector_quantizer)
+    captured = {}
+    hooks = [r.input_proj.register_forward_hook(lambda mod, i, o, k=k: captured.__setitem__(k, o))
+             for k, r in enumerate(rvqs)]
+    x = torch.from_numpy(pcm.astype(np.float32))[None, None]
+    model.encode(x[..., : (x.shape[-1] // 1920) * 1920])
+    for h in hooks:
+        h.remove()
+    for k, rvq in enumerate(rvqs):
+        randomise_codebooks([(l.codebook.embed_sum, l.codebook.cluster_usage, l.codebook.initialized)
+                             for l in rvq.layers], captured[k][0].T.numpy(), rng)
+        for l in rvq.layers:
+            l.codebook._embed = None  # transformers caches the resolved codebook
+    return model
 
 
 def kyutai_release_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:

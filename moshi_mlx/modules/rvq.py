@@ -22,18 +22,39 @@ class ResidualVectorQuantizer(nn.Module):
     def n_q(self) -> int:
         return self.codebooks.shape[0]
 
+    def _half_norms(self) -> mx.array:
+        """‖c‖²/2 per code [n_q, bins], cached until the codebooks change (weights reload)."""
+        cached = getattr(self, "_norms_cache", None)
+        if cached is None or cached[0] is not self.codebooks:
+            cached = (self.codebooks, 0.5 * (self.codebooks * self.codebooks).sum(-1))
+            object.__setattr__(self, "_norms_cache", cached)
+        return cached[1]
+
     def encode(self, x: mx.array, n_q: int) -> mx.array:
         """x [B, T, input_dim] → codes [B, T, n_q] (int32): nearest code, residual −= code."""
         residual = self.input_proj(x)
+        norms = self._half_norms()
         codes = []
         for i in range(n_q):
             cb = self.codebooks[i]
-            # ‖r − c‖² = ‖r‖² − 2 r·c + ‖c‖²; ‖r‖² is the same for every c so it is dropped.
-            dist = (cb * cb).sum(-1) - 2.0 * (residual @ cb.T)
-            idx = mx.argmin(dist, axis=-1)
+            idx = self._nearest(residual, cb, norms[i])
             codes.append(idx)
             residual = residual - cb[idx]
         return mx.stack(codes, axis=-1).astype(mx.int32)
+
+    @staticmethod
+    def _nearest(r: mx.array, cb: mx.array, half_norms: mx.array, shortlist: int = 4) -> mx.array:
+        """Index of the codeword nearest to each r [B, T, D].
+
+        argmin ‖r − c‖² = argmin (‖c‖²/2 − r·c) is one matmul, but in float32 it cancels
+        catastrophically when codewords sit close to r (‖r − c‖² ≪ ‖c‖²): rounding then picks
+        the wrong one of two codes 1e-4 apart. So it only shortlists candidates; the winner is
+        chosen on ‖r − c‖² computed directly, as accurate as float32 allows.
+        """
+        approx = half_norms - r @ cb.T  # [B, T, bins]
+        cand = mx.argpartition(approx, kth=shortlist - 1, axis=-1)[..., :shortlist]
+        exact = mx.square(r[..., None, :] - cb[cand]).sum(-1)  # [B, T, shortlist]
+        return mx.take_along_axis(cand, mx.argmin(exact, axis=-1)[..., None], axis=-1)[..., 0]
 
     def decode(self, codes: mx.array) -> mx.array:
         """codes [B, T, n] → [B, T, output_dim]: output_proj of the sum of the codewords."""

@@ -7,11 +7,13 @@ streaming mode a rotating KV cache of `context` entries that never runs out.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .activations import gelu
 
 
 @dataclass
@@ -81,14 +83,12 @@ class KVCache:
         self.keys = self.values = None
         self.offset = 0
 
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, np.ndarray]:
-        """k, v [B, H, T, Dh] → all cached keys/values and their absolute positions (−1 = empty)."""
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write k, v [B, H, T, Dh]; return the cached keys/values, ordered as `positions()`."""
         B, H, T, Dh = k.shape
         cap = self.capacity
-        if T > cap:  # only the last `cap` steps of the chunk can be kept
-            k, v = k[:, :, -cap:], v[:, :, -cap:]
-            self.offset += T - cap
-            T = cap
+        if T > cap:
+            raise ValueError(f"KVCache: chunk of {T} steps exceeds the capacity {cap}")
         if self.keys is None:
             self.keys = mx.zeros((B, H, cap, Dh), dtype=k.dtype)
             self.values = mx.zeros((B, H, cap, v.shape[-1]), dtype=v.dtype)
@@ -100,14 +100,18 @@ class KVCache:
             self.keys[:, :, :T - first] = k[:, :, first:]
             self.values[:, :, :T - first] = v[:, :, first:]
         self.offset += T
-        # Absolute position held by each slot: slot s holds the latest p < offset with p % cap == s.
-        slots = np.arange(cap)
-        last = self.offset - 1
-        positions = last - ((last - slots) % cap)
-        positions[positions < 0] = -1
-        if self.offset < cap:  # not full yet: hand out only the written prefix (no mask needed)
-            return self.keys[:, :, :self.offset], self.values[:, :, :self.offset], positions[:self.offset]
-        return self.keys, self.values, positions
+        if self.offset < cap:  # not full yet: hand out only the written prefix
+            return self.keys[:, :, :self.offset], self.values[:, :, :self.offset]
+        return self.keys, self.values
+
+    @staticmethod
+    def positions(capacity: int, offset: int) -> np.ndarray:
+        """Absolute position held by each slot returned by `update_and_fetch` once
+        `offset` steps have been written: slot s holds the latest p < offset with p ≡ s."""
+        if offset < capacity:
+            return np.arange(offset)
+        last = offset - 1
+        return last - ((last - np.arange(capacity)) % capacity)
 
 
 def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None) -> mx.array | None:
@@ -131,25 +135,25 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(d, 3 * d, bias=cfg.bias_attn)
         self.out_proj = nn.Linear(d, d, bias=cfg.bias_attn)
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
-        if self.cfg.positional_embedding != "rope":
-            return x
-        return mx.fast.rope(x, self.head_dim, traditional=True, base=self.cfg.max_period,
-                            scale=1.0, offset=offset)
-
-    def __call__(self, x: mx.array, cache: KVCache | None, offset: int) -> mx.array:
-        """x [B, T, D]; `offset` is the absolute position of x[:, 0]."""
+    def __call__(self, x: mx.array, cache: KVCache | None, offset: int, mask: mx.array | None = None) -> mx.array:
+        """x [B, T, D]; `offset` is the absolute position of x[:, 0]. With a cache, `mask`
+        is the step's mask over the cache slots (computed once per step for all layers)."""
         B, T, D = x.shape
         qkv = self.in_proj(x).reshape(B, T, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = self._rope(qkv[0], offset), self._rope(qkv[1], offset), qkv[2]
+        if self.cfg.positional_embedding == "rope":
+            # q and k rotated in one call: rope acts on the last axis, positions on axis −2.
+            qk = mx.fast.rope(qkv[:2], self.head_dim, traditional=True, base=self.cfg.max_period,
+                              scale=1.0, offset=offset)
+            q, k = qk[0], qk[1]
+        else:
+            q, k = qkv[0], qkv[1]
+        v = qkv[2]
         scale = self.head_dim ** -0.5
-        pos_q = np.arange(offset, offset + T)
         if cache is not None:
-            k, v, pos_k = cache.update_and_fetch(k, v)
-            mask = _attention_mask(pos_q, pos_k, self.cfg.context) if self.cfg.causal else None
+            k, v = cache.update_and_fetch(k, v)
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         else:
-            out = self._batch_attention(q, k, v, pos_q, scale)
+            out = self._batch_attention(q, k, v, np.arange(offset, offset + T), scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
     def _batch_attention(self, q, k, v, pos, scale, block: int = 512) -> mx.array:
@@ -202,11 +206,11 @@ class TransformerLayer(nn.Module):
     def _ff(self, x: mx.array) -> mx.array:
         if self.cfg.gating == "none":
             # exact (erf) GELU, as in the reference; not the tanh approximation
-            return self.linear2(nn.gelu(self.linear1(x)))
+            return self.linear2(gelu(self.linear1(x)))
         return self.gating(x)
 
-    def __call__(self, x: mx.array, cache: KVCache | None, offset: int) -> mx.array:
-        h = self.self_attn(self.norm1(x), cache, offset)
+    def __call__(self, x: mx.array, cache: KVCache | None, offset: int, mask: mx.array | None = None) -> mx.array:
+        h = self.self_attn(self.norm1(x), cache, offset, mask)
         x = x + (self.layer_scale_1(h) if "layer_scale_1" in self else h)
         h = self._ff(self.norm2(x))
         return x + (self.layer_scale_2(h) if "layer_scale_2" in self else h)
@@ -238,7 +242,15 @@ class Transformer(nn.Module):
                 raise ValueError("streaming needs a finite attention context")
             self.stream_state = TransformerState([KVCache(self.cfg.context) for _ in self.layers])
         st = self.stream_state
+        T = x.shape[1]
+        cap = st.caches[0].capacity
+        if T > cap:  # a chunk longer than the ring: stream it in ring-sized pieces
+            return mx.concatenate([self.step(x[:, i:i + cap]) for i in range(0, T, cap)], axis=1)
+        # Every layer's cache holds the same positions: build the mask once per step.
+        pos_q = np.arange(st.offset, st.offset + T)
+        pos_k = KVCache.positions(cap, st.offset + T)
+        mask = _attention_mask(pos_q, pos_k, self.cfg.context) if self.cfg.causal else None
         for layer, cache in zip(self.layers, st.caches):
-            x = layer(x, cache, st.offset)
-        st.offset += x.shape[1]
+            x = layer(x, cache, st.offset, mask)
+        st.offset += T
         return x
