@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..modules.conv import StreamingConv1d, StreamingConvTranspose1d
 from ..modules.rvq import SplitResidualVectorQuantizer
 from ..modules.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
+from ..modules.streaming import reset_streaming, scratch_state
 from ..modules.transformer import Transformer, TransformerConfig
 
 
@@ -256,55 +257,59 @@ class MimiModel(nn.Module):
         return codes.astype(mx.int32)
 
     # -- batch ------------------------------------------------------------------------------
-    def _latent(self, x: mx.array, streaming: bool) -> mx.array:
-        """[B, L, 1] → pre-quantization latent [B, T, D] at the frame rate."""
-        if streaming:
-            h = self.encoder.step(x)
-            h = self.encoder_transformer.step(h)
-            return self.downsample.step(h)
-        return self.downsample(self.encoder_transformer(self.encoder(x)))
+    # Batch calls run as exact streaming over segments (see `streaming(exact=True)`): the
+    # result equals one whole-sequence pass, memory is bounded by the segment, and a
+    # progress callback can report each segment.
+    SEGMENT_FRAMES = 64
 
-    def _audio(self, latent: mx.array, streaming: bool) -> mx.array:
-        if streaming:
-            h = self.upsample.step(latent)
-            h = self.decoder_transformer.step(h)
-            return self.decoder.step(h)
-        return self.decoder(self.decoder_transformer(self.upsample(latent)))
+    def _pad_to_frames(self, x: mx.array) -> mx.array:
+        # Kyutai 0.2.13 zero-pads the input to a whole number of frames, then runs the
+        # same causal convolutions as streaming.
+        extra = -x.shape[2] % self.frame_size
+        return mx.pad(x, [(0, 0), (0, 0), (0, extra)]) if extra else x
+
+    def _segments(self, x: mx.array, fn: Callable[[mx.array], mx.array], per_frame: int,
+                  progress: Callable[[int, int], None] | None) -> mx.array:
+        """Apply the streaming `fn` to x [..., T·per_frame] segment by segment, exactly."""
+        total = x.shape[-1] // per_frame
+        outs = []
+        with scratch_state(self), self._exact_streaming():
+            for start in range(0, total, self.SEGMENT_FRAMES):
+                stop = min(total, start + self.SEGMENT_FRAMES)
+                outs.append(fn(x[..., start * per_frame: stop * per_frame]))
+                mx.eval(outs[-1])
+                if progress is not None:
+                    progress(stop, total)
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
     def encode_to_latent(self, input_values: Any) -> mx.array:
         """Unquantized latent [B, hidden_size, T] (what the quantizers see)."""
         x = self._pad_to_frames(self._check_audio(input_values, streaming=False))
-        return self._latent(x, streaming=False).transpose(0, 2, 1)
-
-    def _pad_to_frames(self, x: mx.array) -> mx.array:
-        # Kyutai 0.2.13 zero-pads the input to a whole number of frames, then runs the
-        # same causal convolutions as streaming: [B, 1, L] → [B, ceil(L/1920)·1920, 1].
-        L = x.shape[2]
-        extra = -L % self.frame_size
-        x = x.transpose(0, 2, 1)
-        return mx.pad(x, [(0, 0), (0, extra), (0, 0)]) if extra else x
+        return self._segments(x, lambda seg: self._latent(seg.transpose(0, 2, 1)).transpose(0, 2, 1),
+                              self.frame_size, None)
 
     def encode(self, input_values: Any, padding_mask: Any = None, num_quantizers: int | None = None,
-               ) -> MimiEncoderOutput:
+               progress: Callable[[int, int], None] | None = None) -> MimiEncoderOutput:
         """input_values [B, 1, L] → `.audio_codes` [B, n, ceil(L / 1920)].
 
         Like transformers, `padding_mask` is accepted but does not change the codes (the
-        model is causal: padding at the end cannot affect earlier frames).
+        model is causal: padding at the end cannot affect earlier frames). `progress` is
+        called as progress(frames_done, frames_total).
         """
         n = self._check_num_quantizers(num_quantizers)
         x = self._check_audio(input_values, streaming=False)
         if padding_mask is not None:
             self._check_padding_mask(padding_mask, x.shape[0], x.shape[2])
-        latent = self._latent(self._pad_to_frames(x), streaming=False)
-        codes = self.quantizer.encode(latent, n)
-        return MimiEncoderOutput(codes.transpose(0, 2, 1))
+        codes = self._segments(self._pad_to_frames(x), lambda seg: self._encode_frames(seg, n),
+                               self.frame_size, progress)
+        return MimiEncoderOutput(codes)
 
-    def decode(self, audio_codes: Any, padding_mask: Any = None) -> MimiDecoderOutput:
+    def decode(self, audio_codes: Any, padding_mask: Any = None,
+               progress: Callable[[int, int], None] | None = None) -> MimiDecoderOutput:
         """audio_codes [B, n, T] → `.audio_values` [B, 1, T·1920], trimmed to
         `padding_mask.shape[-1]` samples when a padding mask is given."""
         codes = self._check_codes(audio_codes)
-        latent = self.quantizer.decode(codes.transpose(0, 2, 1))
-        audio = self._audio(latent, streaming=False).transpose(0, 2, 1)
+        audio = self._segments(codes, self._decode_frames, 1, progress)
         if padding_mask is not None:
             length = self._check_padding_mask(padding_mask, codes.shape[0], None)
             audio = audio[..., :length]
@@ -324,31 +329,56 @@ class MimiModel(nn.Module):
             raise InputError(f"padding_mask must have shape {want}, got {list(shape)}")
         return shape[-1]
 
+    # -- the pipeline, one streaming step ----------------------------------------------------
+    def _latent(self, x: mx.array) -> mx.array:
+        """[B, L, 1] → pre-quantization latent [B, T, D] at the frame rate."""
+        return self.downsample.step(self.encoder_transformer.step(self.encoder.step(x)))
+
+    def _encode_frames(self, pcm: mx.array, n: int) -> mx.array:
+        """[B, 1, 1920·k] → codes [B, n, k]."""
+        return self.quantizer.encode(self._latent(pcm.transpose(0, 2, 1)), n).transpose(0, 2, 1)
+
+    def _decode_frames(self, codes: mx.array) -> mx.array:
+        """codes [B, n, k] → [B, 1, 1920·k]."""
+        h = self.upsample.step(self.quantizer.decode(codes.transpose(0, 2, 1)))
+        return self.decoder.step(self.decoder_transformer.step(h)).transpose(0, 2, 1)
+
     # -- streaming --------------------------------------------------------------------------
     def reset_state(self) -> None:
         """Forget all streaming state (encoder and decoder)."""
-        for _, module in self.named_modules():
-            if hasattr(module, "stream_state"):
-                module.stream_state = None
+        reset_streaming(self)
 
     @contextlib.contextmanager
-    def streaming(self) -> Iterator["MimiModel"]:
-        """`with mimi.streaming(): ...` starts and ends with a clean streaming state."""
+    def _exact_streaming(self) -> Iterator[None]:
+        steps = self.SEGMENT_FRAMES * self.upsample.stride
+        for tr in (self.encoder_transformer, self.decoder_transformer):
+            tr.start_streaming(exact_chunk=steps)
+        yield
+
+    @contextlib.contextmanager
+    def streaming(self, exact: bool = False) -> Iterator["MimiModel"]:
+        """`with mimi.streaming(): ...` starts and ends with a clean streaming state.
+
+        exact=False (default) streams like Kyutai's reference: attention caches are rings of
+        250 steps written before attending, so once full, the first query of a multi-step
+        chunk sees one key less than in batch mode. exact=True keeps the extra keys, so any
+        chunking gives the batch result (what `encode`/`decode` use internally).
+        """
         self.reset_state()
         try:
-            yield self
+            if exact:
+                with self._exact_streaming():
+                    yield self
+            else:
+                yield self
         finally:
             self.reset_state()
 
     def encode_step(self, pcm: Any, num_quantizers: int | None = None) -> mx.array:
         """pcm [B, 1, 1920·k] → codes [B, n, k]; continues from the previous call."""
         n = self._check_num_quantizers(num_quantizers)
-        x = self._check_audio(pcm, streaming=True).transpose(0, 2, 1)
-        latent = self._latent(x, streaming=True)
-        return self.quantizer.encode(latent, n).transpose(0, 2, 1)
+        return self._encode_frames(self._check_audio(pcm, streaming=True), n)
 
     def decode_step(self, codes: Any) -> mx.array:
         """codes [B, n, k] → pcm [B, 1, 1920·k]; continues from the previous call."""
-        codes = self._check_codes(codes)
-        latent = self.quantizer.decode(codes.transpose(0, 2, 1))
-        return self._audio(latent, streaming=True).transpose(0, 2, 1)
+        return self._decode_frames(self._check_codes(codes))

@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .activations import gelu
+from .streaming import scratch_state
 
 
 @dataclass
@@ -156,20 +157,9 @@ class Attention(nn.Module):
             out = self._batch_attention(q, k, v, np.arange(offset, offset + T), scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
-    def _batch_attention(self, q, k, v, pos, scale, block: int = 512) -> mx.array:
-        """Whole-sequence attention, in blocks of queries so memory stays O(T · context)."""
-        T = q.shape[2]
-        if not self.cfg.causal:
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-        ctx = self.cfg.context
-        outs = []
-        for start in range(0, T, block):
-            end = min(T, start + block)
-            k0 = 0 if ctx is None else max(0, start - ctx + 1)
-            mask = _attention_mask(pos[start:end], pos[k0:end], ctx)
-            outs.append(mx.fast.scaled_dot_product_attention(
-                q[:, :, start:end], k[:, :, k0:end], v[:, :, k0:end], scale=scale, mask=mask))
-        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+    def _batch_attention(self, q, k, v, pos, scale) -> mx.array:
+        mask = _attention_mask(pos, pos, self.cfg.context) if self.cfg.causal else None
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
 class GatedFeedForward(nn.Module):
@@ -219,11 +209,15 @@ class TransformerLayer(nn.Module):
 @dataclass
 class TransformerState:
     caches: list[KVCache]
+    max_chunk: int  # steps one call may hold; longer inputs are split
     offset: int = 0
 
 
 class Transformer(nn.Module):
     """A stack of layers. `__call__` is the batch path; `step` streams with rotating caches."""
+
+    # Batch inputs longer than this run in blocks through exact caches: memory O(context).
+    BATCH_BLOCK = 256
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -232,23 +226,38 @@ class Transformer(nn.Module):
         self.stream_state: TransformerState | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.layers:
-            x = layer(x, None, 0)
-        return x
+        """Batch over the whole sequence: every query sees its full context."""
+        if x.shape[1] <= self.BATCH_BLOCK or self.cfg.context is None:
+            for layer in self.layers:
+                x = layer(x, None, 0)
+            return x
+        with scratch_state(self):
+            self.start_streaming(exact_chunk=self.BATCH_BLOCK)
+            return self.step(x)
+
+    def start_streaming(self, exact_chunk: int | None = None) -> None:
+        """Fresh streaming state.
+
+        exact_chunk=None: Kyutai's ring of `context` entries, written before attending (the
+        reference streaming semantics). exact_chunk=N: caches of context + N − 1 entries, so
+        chunks of up to N steps see exactly what batch attention sees.
+        """
+        if self.cfg.context is None:
+            raise ValueError("streaming needs a finite attention context")
+        capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
+        self.stream_state = TransformerState([KVCache(capacity) for _ in self.layers],
+                                             max_chunk=exact_chunk or capacity)
 
     def step(self, x: mx.array) -> mx.array:
         if self.stream_state is None:
-            if self.cfg.context is None:
-                raise ValueError("streaming needs a finite attention context")
-            self.stream_state = TransformerState([KVCache(self.cfg.context) for _ in self.layers])
+            self.start_streaming()
         st = self.stream_state
         T = x.shape[1]
-        cap = st.caches[0].capacity
-        if T > cap:  # a chunk longer than the ring: stream it in ring-sized pieces
-            return mx.concatenate([self.step(x[:, i:i + cap]) for i in range(0, T, cap)], axis=1)
+        if T > st.max_chunk:
+            return mx.concatenate([self.step(x[:, i:i + st.max_chunk]) for i in range(0, T, st.max_chunk)], axis=1)
         # Every layer's cache holds the same positions: build the mask once per step.
         pos_q = np.arange(st.offset, st.offset + T)
-        pos_k = KVCache.positions(cap, st.offset + T)
+        pos_k = KVCache.positions(st.caches[0].capacity, st.offset + T)
         mask = _attention_mask(pos_q, pos_k, self.cfg.context) if self.cfg.causal else None
         for layer, cache in zip(self.layers, st.caches):
             x = layer(x, cache, st.offset, mask)
