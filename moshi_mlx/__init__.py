@@ -4,7 +4,22 @@ from ._blas import preload_blas as _preload_blas
 
 _preload_blas()
 
-from .models.mimi import MimiConfig, MimiModel  # noqa: E402
-
 __all__ = ["MimiConfig", "MimiModel"]
 __version__ = "0.1.0"
+
+# Public classes are imported on first use, so `import moshi_mlx` (e.g. by a benchmark
+# worker that runs a PyTorch reference) does not pull in MLX.
+_LAZY = {
+    "MimiConfig": "moshi_mlx.models.mimi",
+    "MimiModel": "moshi_mlx.models.mimi",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moshi_mlx' has no attribute {name!r}")

@@ -1,0 +1,272 @@
+"""`moshi-mlx bench mimi`: Mimi speed and memory, side by side with the references.
+
+Each implementation runs in its own subprocess (so peak RSS is its own) on the same audio
+and, where it can load it, the same weights file: a random Kyutai-layout Mimi made with
+Kyutai's `moshi` package when that is installed (the references are optional: rows for
+missing ones say so). Reported: batch encode/decode real-time factor (× real time) on the
+whole clip, streaming ms per 80 ms frame (mean over the clip after 5 warm-up frames), and
+peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+IMPLEMENTATIONS = ("moshi_mlx", "moshi-torch", "transformers", "rustymimi")
+FRAME = 1920
+RATE = 24000
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (mimi) printed as tables",
+                       description="Speed and memory benchmarks, measured side by side with the "
+                                   "reference implementations that are installed.")
+    p.add_argument("target", choices=["mimi"], help="what to benchmark")
+    p.add_argument("--audio", type=Path, default=None,
+                   help="audio file to use (default: 10 s of synthetic speech-like sound)")
+    p.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10)")
+    p.add_argument("--only", default=",".join(IMPLEMENTATIONS),
+                   help=f"comma-separated subset of {','.join(IMPLEMENTATIONS)}")
+    p.add_argument("--num-quantizers", type=int, default=8, help="codebooks (default 8, as Moshi)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.set_defaults(run=run)
+
+
+def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Speech-like test sound: voiced harmonic bursts with a wandering pitch, plus noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = 140 + 40 * np.sin(2 * np.pi * 0.7 * t) + 20 * np.sin(2 * np.pi * 3.1 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = np.clip(np.sin(2 * np.pi * 2.3 * t), 0, None) ** 0.5
+    return (0.1 * voiced * envelope + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moshi_mlx.audio import read_audio
+
+    if args.audio is not None:
+        pcm = read_audio(args.audio, RATE).pcm[: int(args.seconds * RATE)]
+    else:
+        pcm = synthetic_audio(args.seconds)
+    pcm = pcm[: len(pcm) // FRAME * FRAME]
+    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory(prefix="moshi-mlx-bench-") as tmp:
+        audio_path = Path(tmp) / "audio.npy"
+        np.save(audio_path, pcm)
+        weights = Path(tmp) / "tokenizer-e351c8d8-checkpoint125.safetensors"
+        made = _worker("make-weights", weights, audio_path, args.num_quantizers)
+        shared = made.get("ok", False)
+        rows = []
+        for impl in wanted:
+            if impl not in IMPLEMENTATIONS:
+                print(f"unknown implementation {impl!r}", file=sys.stderr)
+                continue
+            print(f"running {impl} …", file=sys.stderr)
+            res = _worker(impl, weights if shared else None, audio_path, args.num_quantizers)
+            res["impl"] = impl
+            rows.append(res)
+    print(format_table(rows, len(pcm) / RATE, shared))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def format_table(rows: list[dict], seconds: float, shared: bool) -> str:
+    head = ("implementation", "batch enc ×RT", "batch dec ×RT", "stream enc ms", "stream dec ms",
+            "stream total ms", "peak RSS MB")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['impl']} | " + " | ".join(["n/a"] * 5) + f" | ({r['error']})")
+            continue
+
+        def f(key, fmt):
+            return fmt.format(r[key]) if r.get(key) is not None else "—"
+        total = (r["stream_enc_ms"] + r["stream_dec_ms"]) if r.get("stream_enc_ms") is not None else None
+        lines.append(" | ".join([r["impl"], f("batch_enc_rtf", "{:.1f}"), f("batch_dec_rtf", "{:.1f}"),
+                                 f("stream_enc_ms", "{:.1f}"), f("stream_dec_ms", "{:.1f}"),
+                                 "—" if total is None else f"{total:.1f}", f("peak_rss_mb", "{:.0f}")]))
+    note = (f"{seconds:.1f} s of audio, streaming = 80 ms frames; "
+            + ("same random weights for all but transformers (own random init, same shapes)"
+               if shared else "random weights (moshi not installed: each implementation its own)"))
+    return "\n".join(lines) + "\n" + note
+
+
+def _worker(impl: str, weights: Path | None, audio: Path, n_q: int) -> dict:
+    cmd = [sys.executable, "-m", "moshi_mlx.apps.bench", impl, str(weights or ""), str(audio), str(n_q)]
+    env = os.environ.copy()
+    if impl != "moshi_mlx":
+        # Keep our OpenBLAS out of the references' processes (torch brings its own BLAS and
+        # OpenMP threads; a second BLAS thread pool would distort their timings).
+        env["MOSHI_MLX_BLAS"] = "0"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": tail[:120]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one implementation each, in a fresh process.
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _timeit(fn, repeat: int = 1) -> float:
+    import time
+
+    fn()  # warm-up (compilation, allocation)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def _stream_times(enc_step, dec_step, pcm: np.ndarray, warmup: int = 5) -> tuple[float, float]:
+    import time
+
+    enc = dec = 0.0
+    frames = len(pcm) // FRAME
+    for i in range(frames):
+        t0 = time.perf_counter()
+        codes = enc_step(pcm[i * FRAME:(i + 1) * FRAME])
+        t1 = time.perf_counter()
+        dec_step(codes)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            enc, dec = enc + t1 - t0, dec + t2 - t1
+    n = max(1, frames - warmup)
+    return enc / n * 1e3, dec / n * 1e3
+
+
+def _bench_moshi_mlx(weights: str, pcm: np.ndarray, n_q: int) -> dict:
+    import moshi_mlx
+    import mlx.core as mx
+
+    model = moshi_mlx.MimiModel.from_pretrained(weights) if weights else moshi_mlx.MimiModel()
+    mx.eval(model.parameters())
+    x = mx.array(pcm[None, None])
+    codes = model.encode(x, num_quantizers=n_q).audio_codes
+    enc = _timeit(lambda: mx.eval(model.encode(x, num_quantizers=n_q).audio_codes))
+    dec = _timeit(lambda: mx.eval(model.decode(codes).audio_values))
+
+    def enc_step(frame):
+        c = model.encode_step(mx.array(frame[None, None]), n_q)
+        mx.eval(c)
+        return c
+
+    def dec_step(c):
+        mx.eval(model.decode_step(c))
+
+    with model.streaming():
+        se, sd = _stream_times(enc_step, dec_step, pcm)
+    return _result(pcm, enc, dec, se, sd)
+
+
+def _bench_moshi_torch(weights: str, pcm: np.ndarray, n_q: int) -> dict:
+    import torch
+    from moshi.models import loaders
+
+    torch.set_grad_enabled(False)
+    model = loaders.get_mimi(weights or None, device="cpu")
+    model.set_num_codebooks(n_q)
+    x = torch.from_numpy(pcm)[None, None]
+    codes = model.encode(x)
+    enc = _timeit(lambda: model.encode(x))
+    dec = _timeit(lambda: model.decode(codes))
+    with model.streaming(1):
+        se, sd = _stream_times(lambda f: model.encode(torch.from_numpy(f)[None, None]), model.decode, pcm)
+    return _result(pcm, enc, dec, se, sd)
+
+
+def _bench_transformers(weights: str, pcm: np.ndarray, n_q: int) -> dict:
+    import torch
+    from transformers import MimiConfig, MimiModel
+
+    torch.set_grad_enabled(False)
+    model = MimiModel(MimiConfig()).eval()
+    x = torch.from_numpy(pcm)[None, None]
+    codes = model.encode(x, num_quantizers=n_q).audio_codes
+    enc = _timeit(lambda: model.encode(x, num_quantizers=n_q))
+    dec = _timeit(lambda: model.decode(codes))
+    return _result(pcm, enc, dec, None, None)
+
+
+def _bench_rustymimi(weights: str, pcm: np.ndarray, n_q: int) -> dict:
+    import rustymimi
+
+    if not weights:
+        raise RuntimeError("needs a Kyutai-layout weights file (install moshi to make one)")
+    tok = rustymimi.Tokenizer(weights, num_codebooks=n_q)
+    x = pcm[None, None]
+    codes = tok.encode(x)
+    enc = _timeit(lambda: tok.encode(x))
+    dec = _timeit(lambda: tok.decode(codes))
+    tok.reset()
+    se, sd = _stream_times(lambda f: tok.encode_step(f[None, None]), tok.decode_step, pcm)
+    return _result(pcm, enc, dec, se, sd)
+
+
+def _result(pcm, enc, dec, se, sd) -> dict:
+    seconds = len(pcm) / RATE
+    return {"batch_enc_rtf": seconds / enc, "batch_dec_rtf": seconds / dec, "stream_enc_ms": se,
+            "stream_dec_ms": sd, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _make_weights(path: str, pcm: np.ndarray, n_q: int) -> dict:
+    """A random Kyutai-layout Mimi file every implementation can load (needs moshi + torch)."""
+    import torch
+    from moshi.models import loaders
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = loaders.get_mimi(None, device="cpu")
+    state = {}
+    for k, v in model.state_dict().items():  # release naming for the attention projections
+        k = k.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
+        k = k.replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight")
+        if k.endswith("_codebook.embedding_sum"):
+            v = torch.randn_like(v) * 0.1
+        if k.endswith("_codebook.cluster_usage"):
+            v = torch.ones_like(v)
+        state[k] = v.contiguous()
+    save_file(state, path)
+    return {"ok": True}
+
+
+def _worker_main(argv: list[str]) -> None:
+    impl, weights, audio, n_q = argv[0], argv[1], argv[2], int(argv[3])
+    pcm = np.load(audio)
+    try:
+        if impl == "make-weights":
+            res = _make_weights(weights, pcm, n_q)
+        else:
+            if impl == "moshi_mlx":
+                import moshi_mlx  # noqa: F401 - BLAS preload before anything else
+            fn = {"moshi_mlx": _bench_moshi_mlx, "moshi-torch": _bench_moshi_torch,
+                  "transformers": _bench_transformers, "rustymimi": _bench_rustymimi}[impl]
+            res = fn(weights, pcm, n_q)
+    except ImportError as e:
+        res = {"error": f"not installed: {e.name}"}
+    except Exception as e:  # noqa: BLE001 - a benchmark row reports what went wrong
+        res = {"error": f"{type(e).__name__}: {e}"[:120]}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])

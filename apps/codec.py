@@ -1,0 +1,179 @@
+"""`moshi-mlx encode` / `moshi-mlx decode`: audio files ↔ Mimi codes, in bounded memory.
+
+Files of any length are processed as exact segmented streaming (the result equals one
+batch call on the whole file), so memory stays flat. Outputs are written to a temporary
+file and renamed when complete: a failure never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MIMI = "kyutai/mimi"
+CODES_KEY = "audio_codes"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="audio file (wav/flac/ogg/mp3) → Mimi codes (.safetensors)",
+                       description="Encode an audio file to Mimi codes. Any sample rate is resampled to "
+                                   "24 kHz; stereo is downmixed to mono.")
+    p.add_argument("input", type=Path, help="audio file: wav, flac, ogg or mp3")
+    p.add_argument("output", type=Path, help="codes file to write (.safetensors)")
+    p.add_argument("-n", "--num-quantizers", type=int, default=None,
+                   help="codebooks to keep, 1..32 (default: all of the model's; Moshi uses 8)")
+    p.add_argument("--model", default=DEFAULT_MIMI,
+                   help=f"Mimi weights: file, directory or Hugging Face repo id (default {DEFAULT_MIMI})")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_encode)
+
+    p = sub.add_parser("decode", help="Mimi codes (.safetensors) → wav file",
+                       description="Decode Mimi codes written by `moshi-mlx encode` to a 24 kHz wav file.")
+    p.add_argument("input", type=Path, help="codes file (.safetensors) from `moshi-mlx encode`")
+    p.add_argument("output", type=Path, help="wav file to write")
+    p.add_argument("--model", default=None,
+                   help="Mimi weights (default: the model recorded in the codes file, else "
+                        f"{DEFAULT_MIMI})")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_decode)
+
+
+def _progress(total: float, unit: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} {unit} [{elapsed}<{remaining}]")
+
+
+def _check_output(path: Path) -> None:
+    from moshi_mlx.errors import InputError
+
+    if not path.parent.exists():
+        raise InputError(f"{path.parent}: output directory does not exist")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+
+
+def encode_file(mimi, input_path: Path, num_quantizers: int | None = None, quiet: bool = True,
+                ) -> tuple[np.ndarray, int]:
+    """Codes [1, n, T] for a whole file, streamed in exact segments; and the sample count at 24 kHz."""
+    import mlx.core as mx
+
+    from moshi_mlx.audio import audio_info, iter_audio
+
+    info = audio_info(input_path)
+    n = mimi._check_num_quantizers(num_quantizers)
+    rate, frame = mimi.sampling_rate, mimi.frame_size
+    segment = mimi.SEGMENT_FRAMES * frame
+    codes, pending, samples = [], np.zeros(0, np.float32), 0
+    with mimi.streaming(exact=True), _progress(round(info.seconds, 1), "s", quiet) as bar:
+        def feed(pcm: np.ndarray) -> None:
+            c = mimi.encode_step(mx.array(pcm[None, None]), n)
+            mx.eval(c)
+            codes.append(np.array(c))
+            bar.update(min(len(pcm) / rate, bar.total - bar.n))
+
+        for block in iter_audio(input_path, rate, quiet=quiet):
+            samples += len(block)
+            pending = np.concatenate([pending, block])
+            while len(pending) >= segment:
+                feed(pending[:segment])
+                pending = pending[segment:]
+        if samples == 0:
+            from moshi_mlx.errors import InputError
+
+            raise InputError(f"{input_path}: the file contains no audio samples")
+        if len(pending):  # zero-pad the last partial frame, as batch encoding does
+            feed(np.pad(pending, (0, -len(pending) % frame)))
+    return np.concatenate(codes, axis=-1), samples
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from safetensors.numpy import save_file
+
+    from moshi_mlx import MimiModel
+    from moshi_mlx.audio import atomic_write
+
+    _check_output(args.output)
+    mimi = MimiModel.from_pretrained(args.model)
+    mimi._check_num_quantizers(args.num_quantizers)  # fail before reading the audio
+    codes, samples = encode_file(mimi, args.input, args.num_quantizers, quiet=args.quiet)
+    metadata = {
+        "format": "moshi_mlx.codes/1",
+        "sample_rate": str(mimi.sampling_rate),
+        "frame_rate": str(mimi.config.frame_rate),
+        "num_samples": str(samples),
+        "num_quantizers": str(codes.shape[1]),
+        "model": str(args.model),
+        "source": args.input.name,
+    }
+    atomic_write(args.output, lambda tmp: save_file({CODES_KEY: codes.astype(np.int32)}, tmp, metadata=metadata))
+    if not args.quiet:
+        print(f"{args.input} → {args.output}: {codes.shape[2]} frames × {codes.shape[1]} codebooks "
+              f"({samples / mimi.sampling_rate:.2f} s)", file=sys.stderr)
+    return 0
+
+
+def read_codes(path: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """Codes [1, n, T] and metadata from a file written by `moshi-mlx encode`."""
+    from safetensors import safe_open
+
+    from moshi_mlx.errors import InputError
+    from moshi_mlx.weights import check_safetensors
+
+    if not path.is_file():
+        raise InputError(f"{path}: no such codes file")
+    try:
+        check_safetensors(path)
+    except Exception as e:  # CheckpointError wording is about weights; restate for codes
+        raise InputError(str(e).replace("download it again", "re-encode it")) from None
+    with safe_open(str(path), framework="numpy") as f:
+        keys = list(f.keys())
+        if CODES_KEY not in keys:
+            raise InputError(f"{path}: no '{CODES_KEY}' tensor (found {keys}); is it a `moshi-mlx encode` file?")
+        codes = f.get_tensor(CODES_KEY)
+        metadata = f.metadata() or {}
+    if codes.ndim == 2:
+        codes = codes[None]
+    if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
+        raise InputError(f"{path}: '{CODES_KEY}' must be integer codes [1, n, frames], got "
+                         f"{codes.dtype} {list(codes.shape)}")
+    return codes, metadata
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+    import soundfile as sf
+
+    from moshi_mlx import MimiModel
+    from moshi_mlx.audio import atomic_write
+    from moshi_mlx.errors import InputError
+
+    _check_output(args.output)
+    codes, meta = read_codes(args.input)
+    mimi = MimiModel.from_pretrained(args.model or meta.get("model") or DEFAULT_MIMI)
+    mimi._check_codes(codes)  # range and count checked before anything is written
+    if codes.shape[0] != 1:
+        raise InputError(f"{args.input}: holds {codes.shape[0]} streams; decode expects one")
+    rate = mimi.sampling_rate
+    total = int(meta.get("num_samples", codes.shape[2] * mimi.frame_size))
+    seg = mimi.SEGMENT_FRAMES
+
+    def write(tmp: str) -> None:
+        written = 0
+        with sf.SoundFile(tmp, "w", samplerate=rate, channels=1, subtype="PCM_16", format="WAV") as out, \
+                mimi.streaming(exact=True), _progress(round(total / rate, 1), "s", args.quiet) as bar:
+            for start in range(0, codes.shape[2], seg):
+                pcm = np.array(mimi.decode_step(mx.array(codes[..., start:start + seg])))[0, 0]
+                pcm = pcm[: max(0, total - written)]
+                out.write(np.clip(pcm, -1.0, 1.0))
+                written += len(pcm)
+                bar.update(min(len(pcm) / rate, bar.total - bar.n))
+
+    atomic_write(args.output, write)
+    if not args.quiet:
+        print(f"{args.input} → {args.output}: {total / rate:.2f} s at {rate} Hz", file=sys.stderr)
+    return 0

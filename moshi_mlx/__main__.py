@@ -1,0 +1,5 @@
+import sys
+
+from moshi_mlx.cli import main
+
+sys.exit(main())
