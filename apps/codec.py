@@ -110,7 +110,7 @@ def run_encode(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "source": args.input.name,
     }
-    atomic_write(args.output, lambda tmp: save_file({CODES_KEY: codes.astype(np.int32)}, tmp, metadata=metadata))
+    atomic_write(args.output, lambda tmp: save_file({CODES_KEY: np.ascontiguousarray(codes, dtype=np.int32)}, tmp, metadata=metadata))
     if not args.quiet:
         print(f"{args.input} → {args.output}: {codes.shape[2]} frames × {codes.shape[1]} codebooks "
               f"({samples / mimi.sampling_rate:.2f} s)", file=sys.stderr)
