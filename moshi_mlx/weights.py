@@ -327,3 +327,116 @@ def load_mimi(path_or_repo_id: str | Path, revision: str | None = None, dtype: m
         _fix_seanet_conv_layouts(model, weights)
     assign(model, weights, source, dtype)
     return model
+
+
+# ----------------------------------------------------------------------------------------
+# Moshi LM
+#
+# Layouts:
+# - "kyutai": Kyutai's release `model.safetensors` (text_emb, emb.K, transformer.layers.N.
+#   self_attn.in_proj_weight, norm1.alpha [1, 1, D], gating.linear_in, depformer_in.K,
+#   depformer.layers.L.self_attn.in_proj_weight with the per-step weights stacked on dim 0,
+#   depformer.layers.L.gating.K.*, linears.K). moshi's own state_dict() names the attention
+#   weights in_projs.{i}.weight / out_projs.{i}.weight instead; both are accepted.
+
+LM_KYUTAI_NAME = "model.safetensors"
+
+
+def lm_layout(keys: set[str]) -> str:
+    if "text_emb.weight" in keys and any(k.startswith("transformer.layers.") for k in keys):
+        if any(k.startswith("depformer.slices.") or k.startswith("audio_embs.") for k in keys):
+            return "kyutai-mlx"
+        return "kyutai"
+    sample = ", ".join(sorted(keys)[:5])
+    raise CheckpointError("unknown Moshi LM checkpoint layout: expected Kyutai's release keys (text_emb.weight, "
+                          f"transformer.layers.N.*, depformer.*); found e.g. {sample}")
+
+
+def _split_steps(w: mx.array, steps: int, key: str) -> list[mx.array]:
+    if w.shape[0] % steps:
+        raise CheckpointError(f"{key}: shape {list(w.shape)} does not split into {steps} per-step weights")
+    return mx.split(w, steps, axis=0)
+
+
+def lm_weights_from_kyutai(state: dict[str, mx.array], config) -> dict[str, mx.array]:
+    """Kyutai release (or moshi state_dict) naming → moshi_mlx's LMModel parameters."""
+    dep_sets = config.depformer().num_weight_sets if config.depformer_weights_per_step else 0
+    out: dict[str, mx.array] = {}
+    for k, v in state.items():
+        if k.endswith(".alpha"):  # RMSNorm: [1, 1, D] → [D]
+            out[k] = v.reshape(-1)
+        elif m := re.fullmatch(r"(transformer|depformer)\.layers\.(\d+)\.self_attn\.(in_proj_weight|out_proj\.weight)", k):
+            kind = "in_proj" if m[3] == "in_proj_weight" else "out_proj"
+            prefix = f"{m[1]}.layers.{m[2]}.self_attn"
+            if m[1] == "depformer" and dep_sets:
+                for i, part in enumerate(_split_steps(v, dep_sets, k)):
+                    out[f"{prefix}.{kind}s.{i}.weight"] = part
+            else:
+                out[f"{prefix}.{kind}.weight"] = v
+        elif m := re.fullmatch(r"(transformer|depformer)\.layers\.(\d+)\.self_attn\.(in_projs|out_projs)\.(\d+)\.weight", k):
+            prefix = f"{m[1]}.layers.{m[2]}.self_attn"
+            if m[1] == "depformer" and dep_sets:
+                out[f"{prefix}.{m[3]}.{m[4]}.weight"] = v
+            elif m[4] == "0":
+                out[f"{prefix}.{m[3][:-1]}.weight"] = v
+            else:
+                out[k] = v  # unexpected: reported by assign()
+        else:
+            out[k] = v
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def lm_source(path_or_repo_id: str | Path, revision: str | None = None) -> tuple[list[Path], dict, str | Path]:
+    """(LM weight files, LM config dict, where sibling files live) for a file, dir or repo.
+
+    A directory or repo with a config.json uses it (Kyutai STT/TTS repos and converted
+    directories name the weights in `moshi_name`); without one, it is a Moshiko/Moshika
+    release: the 7B defaults and `model.safetensors`.
+    """
+    p = Path(path_or_repo_id).expanduser()
+    if is_local(path_or_repo_id) and p.is_file():
+        cfg_path = p.parent / "config.json"
+        config = _read_json(cfg_path) if cfg_path.exists() else {}
+        return [p], config, p.parent
+    if is_local(path_or_repo_id) and not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    files = list_files(path_or_repo_id, revision)
+    config = _read_json(resolve_file(path_or_repo_id, "config.json", revision)) if "config.json" in files else {}
+    name = config.get("moshi_name") or LM_KYUTAI_NAME
+    if name not in files and f"{Path(name).stem}.safetensors.index.json" not in files:
+        raise CheckpointError(f"{path_or_repo_id}: no LM weights {name!r} (files: {_few(files)})")
+    index = f"{Path(name).stem}.safetensors.index.json"
+    if index in files:
+        idx = _read_json(resolve_file(path_or_repo_id, index, revision))
+        names = sorted(set(idx["weight_map"].values()))
+    else:
+        names = [name]
+    return [resolve_file(path_or_repo_id, n, revision) for n in names], config, path_or_repo_id
+
+
+def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.Dtype = mx.float32):
+    """(LMModel, config dict, sibling location) from any supported LM checkpoint."""
+    from .models.lm import LMModel, LmConfig
+
+    paths, config, home = lm_source(path_or_repo_id, revision)
+    try:
+        cfg = LmConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path_or_repo_id}: bad LM config: {e}") from None
+    state = read_safetensors(paths)
+    layout = lm_layout(set(state))
+    source = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} shards)"
+    if layout == "kyutai":
+        weights = lm_weights_from_kyutai(state, cfg)
+    else:
+        raise CheckpointError(f"{source}: {layout} LM layout is not supported yet")
+    model = LMModel(cfg)
+    assign(model, weights, source, dtype)
+    return model, config, home

@@ -134,3 +134,52 @@ def speech_pcm(seconds: float = 12.0) -> np.ndarray:
         raise FileNotFoundError(f"test audio missing: {path} (see ../shared/audio/README.md)")
     pcm = read_audio(path, 24000).pcm
     return pcm[: int(seconds * 24000)]
+
+
+def tiny_lm_kwargs(**overrides) -> dict:
+    """Kyutai LM kwargs with the real structure (16 streams of 2048 codes + 32000 text
+    tokens, delays, silu gating, rms_norm_f32, multi-linear per-step depformer) but tiny dims."""
+    kw = dict(
+        dim=64, text_card=32000, existing_text_padding_id=3, n_q=16, dep_q=8, card=2048,
+        num_heads=4, num_layers=2, hidden_scale=4.125, causal=True, layer_scale=None, context=3000,
+        max_period=10000, gating="silu", norm="rms_norm_f32", positional_embedding="rope",
+        depformer_dim=32, depformer_dim_feedforward=int(4.125 * 32), depformer_num_heads=2,
+        depformer_num_layers=2, depformer_layer_scale=None, depformer_multi_linear=True,
+        depformer_context=8, depformer_max_period=10000, depformer_gating="silu", depformer_pos_emb="none",
+        depformer_weights_per_step=True, delays=[0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
+    )
+    kw.update(overrides)
+    return kw
+
+
+@torch.no_grad()
+def random_kyutai_lm(kwargs: dict, seed: int = 0):
+    """Kyutai's PyTorch LMModel (moshi 0.2.13) from kwargs, random weights, eval mode.
+
+    Its init leaves some weights small (in_proj left at torch's default); we rescale every
+    parameter to a unit-ish spread so logits are not flat and argmax decisions are sharp.
+    """
+    from moshi.models.lm import LMModel
+
+    torch.manual_seed(seed)
+    model = LMModel(**kwargs).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("alpha"):
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+        elif p.dim() == 2:
+            p.copy_(torch.randn_like(p) / (p.shape[1] ** 0.5))
+    return model
+
+
+def save_kyutai_lm(model, directory, kwargs: dict, name: str = "model.safetensors") -> None:
+    """Release layout: `model.safetensors` (per-step depformer attention stacked as
+    in_proj_weight) and a Kyutai-style config.json with the LM kwargs and `moshi_name`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(kyutai_release_state_dict(model), str(directory / name))
+    (directory / "config.json").write_text(json.dumps({**kwargs, "moshi_name": name}, indent=2))

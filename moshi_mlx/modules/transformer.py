@@ -25,13 +25,38 @@ class TransformerConfig:
     dim_feedforward: int
     context: int | None = None  # attention span in steps (query t sees t − context + 1 … t)
     causal: bool = True
-    max_period: float = 10_000.0  # RoPE θ
-    positional_embedding: str = "rope"  # "rope" or "none"
-    norm: str = "layer_norm"  # "layer_norm" (with bias, eps 1e-5) or "rms_norm_f32" (eps 1e-8)
+    max_period: float = 10_000.0  # RoPE θ / sinusoid period
+    positional_embedding: str = "rope"  # "rope", "sin", "sin_rope" or "none"
+    norm: str = "layer_norm"  # "layer_norm" (bias, eps 1e-5), "rms_norm" (1e-5), "rms_norm_f32" (1e-8)
     gating: str = "none"  # "none": linear2(gelu(linear1 x)); "silu": SiLU-gated linear_in/out
     layer_scale: float | None = None  # initial value; None = no layer scale
     bias_ff: bool = False
     bias_attn: bool = False
+    # Depformer: step t of each frame uses weight set schedule[t] (attention and FF);
+    # 0 = shared weights.
+    weights_per_step: int = 0
+    weights_per_step_schedule: list[int] | None = None
+
+    @property
+    def num_weight_sets(self) -> int:
+        if not self.weights_per_step:
+            return 1
+        if self.weights_per_step_schedule:
+            return max(self.weights_per_step_schedule) + 1
+        return self.weights_per_step
+
+    def weight_set(self, step: int) -> int:
+        """Weight set used at (in-frame) step `step`."""
+        if not self.weights_per_step:
+            return 0
+        return self.weights_per_step_schedule[step] if self.weights_per_step_schedule else step
+
+    @property
+    def gating_hidden(self) -> int:
+        """Kyutai's ActivationGating hidden size for this dim_feedforward."""
+        if self.dim_feedforward == 4 * self.d_model:
+            return 21 * self.d_model // 8
+        return 2 * self.dim_feedforward // 3
 
 
 class LayerScale(nn.Module):
@@ -43,15 +68,17 @@ class LayerScale(nn.Module):
         return x * self.scale
 
 
-class RMSNormF32(nn.Module):
-    """Kyutai's `rms_norm_f32`: statistics in float32, eps 1e-8, weight named `alpha`."""
+class RMSNorm(nn.Module):
+    """Kyutai's RMSNorm (weight named `alpha`); `rms_norm_f32` computes in float32, eps 1e-8."""
 
-    def __init__(self, dim: int, eps: float = 1e-8):
+    def __init__(self, dim: int, eps: float, float32: bool):
         super().__init__()
-        self.eps = eps
+        self.eps, self.float32 = eps, float32
         self.alpha = mx.ones((dim,))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if not self.float32:
+            return mx.fast.rms_norm(x, self.alpha.astype(x.dtype), self.eps)
         y = mx.fast.rms_norm(x.astype(mx.float32), self.alpha.astype(mx.float32), self.eps)
         return y.astype(x.dtype)
 
@@ -59,9 +86,19 @@ class RMSNormF32(nn.Module):
 def make_norm(kind: str, dim: int) -> nn.Module:
     if kind == "layer_norm":
         return nn.LayerNorm(dim, eps=1e-5)
+    if kind == "rms_norm":
+        return RMSNorm(dim, 1e-5, float32=False)
     if kind == "rms_norm_f32":
-        return RMSNormF32(dim)
-    raise ValueError(f"unknown norm {kind!r} (expected 'layer_norm' or 'rms_norm_f32')")
+        return RMSNorm(dim, 1e-8, float32=True)
+    raise ValueError(f"unknown norm {kind!r} (expected 'layer_norm', 'rms_norm' or 'rms_norm_f32')")
+
+
+def sin_embedding(positions: np.ndarray, dim: int, max_period: float) -> mx.array:
+    """Kyutai's create_sin_embedding: [cos(p·f), sin(p·f)], f = max_period^(−i/(dim/2 − 1))."""
+    half = dim // 2
+    phase = mx.array(positions, mx.float32)[:, None] / (max_period ** (mx.arange(half, dtype=mx.float32)
+                                                                        / (half - 1)))
+    return mx.concatenate([mx.cos(phase), mx.sin(phase)], axis=-1)
 
 
 class KVCache:
@@ -133,15 +170,27 @@ class Attention(nn.Module):
         d = cfg.d_model
         self.num_heads = cfg.num_heads
         self.head_dim = d // cfg.num_heads
-        self.in_proj = nn.Linear(d, 3 * d, bias=cfg.bias_attn)
-        self.out_proj = nn.Linear(d, d, bias=cfg.bias_attn)
+        if cfg.weights_per_step:
+            self.in_projs = [nn.Linear(d, 3 * d, bias=cfg.bias_attn) for _ in range(cfg.num_weight_sets)]
+            self.out_projs = [nn.Linear(d, d, bias=cfg.bias_attn) for _ in range(cfg.num_weight_sets)]
+        else:
+            self.in_proj = nn.Linear(d, 3 * d, bias=cfg.bias_attn)
+            self.out_proj = nn.Linear(d, d, bias=cfg.bias_attn)
+
+    def _project(self, x: mx.array, offset: int, which: str) -> mx.array:
+        if not self.cfg.weights_per_step:
+            return getattr(self, which)(x)
+        mods = getattr(self, which + "s")
+        ys = [mods[self.cfg.weight_set(offset + t)](x[:, t:t + 1]) for t in range(x.shape[1])]
+        return ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=1)
 
     def __call__(self, x: mx.array, cache: KVCache | None, offset: int, mask: mx.array | None = None) -> mx.array:
         """x [B, T, D]; `offset` is the absolute position of x[:, 0]. With a cache, `mask`
         is the step's mask over the cache slots (computed once per step for all layers)."""
         B, T, D = x.shape
-        qkv = self.in_proj(x).reshape(B, T, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        if self.cfg.positional_embedding == "rope":
+        qkv = self._project(x, offset, "in_proj").reshape(B, T, 3, self.num_heads, self.head_dim)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        if self.cfg.positional_embedding in ("rope", "sin_rope"):
             # q and k rotated in one call: rope acts on the last axis, positions on axis −2.
             qk = mx.fast.rope(qkv[:2], self.head_dim, traditional=True, base=self.cfg.max_period,
                               scale=1.0, offset=offset)
@@ -155,7 +204,7 @@ class Attention(nn.Module):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         else:
             out = self._batch_attention(q, k, v, np.arange(offset, offset + T), scale)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
+        return self._project(out.transpose(0, 2, 1, 3).reshape(B, T, D), offset, "out_proj")
 
     def _batch_attention(self, q, k, v, pos, scale) -> mx.array:
         mask = _attention_mask(pos, pos, self.cfg.context) if self.cfg.causal else None
@@ -186,23 +235,30 @@ class TransformerLayer(nn.Module):
             self.linear1 = nn.Linear(cfg.d_model, cfg.dim_feedforward, bias=cfg.bias_ff)
             self.linear2 = nn.Linear(cfg.dim_feedforward, cfg.d_model, bias=cfg.bias_ff)
         elif cfg.gating == "silu":
-            self.gating = GatedFeedForward(cfg.d_model, cfg.dim_feedforward, cfg.bias_ff)
+            if cfg.weights_per_step:
+                self.gating = [GatedFeedForward(cfg.d_model, cfg.gating_hidden, cfg.bias_ff)
+                               for _ in range(cfg.num_weight_sets)]
+            else:
+                self.gating = GatedFeedForward(cfg.d_model, cfg.gating_hidden, cfg.bias_ff)
         else:
             raise ValueError(f"unknown gating {cfg.gating!r} (expected 'none' or 'silu')")
         if cfg.layer_scale is not None:
             self.layer_scale_1 = LayerScale(cfg.d_model, cfg.layer_scale)
             self.layer_scale_2 = LayerScale(cfg.d_model, cfg.layer_scale)
 
-    def _ff(self, x: mx.array) -> mx.array:
+    def _ff(self, x: mx.array, offset: int) -> mx.array:
         if self.cfg.gating == "none":
             # exact (erf) GELU, as in the reference; not the tanh approximation
             return self.linear2(gelu(self.linear1(x)))
+        if self.cfg.weights_per_step:
+            ys = [self.gating[self.cfg.weight_set(offset + t)](x[:, t:t + 1]) for t in range(x.shape[1])]
+            return ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=1)
         return self.gating(x)
 
     def __call__(self, x: mx.array, cache: KVCache | None, offset: int, mask: mx.array | None = None) -> mx.array:
         h = self.self_attn(self.norm1(x), cache, offset, mask)
         x = x + (self.layer_scale_1(h) if "layer_scale_1" in self else h)
-        h = self._ff(self.norm2(x))
+        h = self._ff(self.norm2(x), offset)
         return x + (self.layer_scale_2(h) if "layer_scale_2" in self else h)
 
 
@@ -225,9 +281,16 @@ class Transformer(nn.Module):
         self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
         self.stream_state: TransformerState | None = None
 
+    def _add_positions(self, x: mx.array, offset: int) -> mx.array:
+        if self.cfg.positional_embedding not in ("sin", "sin_rope"):
+            return x
+        pos = np.arange(offset, offset + x.shape[1])
+        return x + sin_embedding(pos, x.shape[-1], self.cfg.max_period).astype(x.dtype)
+
     def __call__(self, x: mx.array) -> mx.array:
         """Batch over the whole sequence: every query sees its full context."""
         if x.shape[1] <= self.BATCH_BLOCK or self.cfg.context is None:
+            x = self._add_positions(x, 0)
             for layer in self.layers:
                 x = layer(x, None, 0)
             return x
@@ -235,16 +298,18 @@ class Transformer(nn.Module):
             self.start_streaming(exact_chunk=self.BATCH_BLOCK)
             return self.step(x)
 
-    def start_streaming(self, exact_chunk: int | None = None) -> None:
+    def start_streaming(self, exact_chunk: int | None = None, capacity: int | None = None) -> None:
         """Fresh streaming state.
 
         exact_chunk=None: Kyutai's ring of `context` entries, written before attending (the
         reference streaming semantics). exact_chunk=N: caches of context + N − 1 entries, so
-        chunks of up to N steps see exactly what batch attention sees.
+        chunks of up to N steps see exactly what batch attention sees. `capacity` sets the
+        cache size of a model without a context (the depformer: its steps per frame).
         """
-        if self.cfg.context is None:
-            raise ValueError("streaming needs a finite attention context")
-        capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
+        if capacity is None:
+            if self.cfg.context is None:
+                raise ValueError("streaming needs a finite attention context or a cache capacity")
+            capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
         self.stream_state = TransformerState([KVCache(capacity) for _ in self.layers],
                                              max_chunk=exact_chunk or capacity)
 
@@ -259,6 +324,7 @@ class Transformer(nn.Module):
         pos_q = np.arange(st.offset, st.offset + T)
         pos_k = KVCache.positions(st.caches[0].capacity, st.offset + T)
         mask = _attention_mask(pos_q, pos_k, self.cfg.context) if self.cfg.causal else None
+        x = self._add_positions(x, st.offset)
         for layer, cache in zip(self.layers, st.caches):
             x = layer(x, cache, st.offset, mask)
         st.offset += T

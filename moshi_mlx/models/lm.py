@@ -1,0 +1,244 @@
+"""The Moshi LM: a temporal transformer over time steps and a small "depformer" over the
+audio codebooks of each step (Kyutai's `moshi.models.lm.LMModel`, 0.2.13).
+
+Token layout per time step (K = 1 + n_q streams): stream 0 is text, streams 1 … dep_q are
+Moshi's audio codebooks, the rest the user's. A token of −1 contributes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import InputError
+from ..modules.transformer import Transformer, TransformerConfig, make_norm
+
+ZERO_TOKEN = -1  # input token that contributes a zero embedding
+UNGENERATED_TOKEN = -2  # placeholder in LMGen's delay buffer
+
+
+@dataclass
+class LmConfig:
+    """Kyutai's LM kwargs (the fields of their `config.json` files); defaults = Moshi 7B
+    (`moshi_7b_202409`), which Moshiko/Moshika releases imply by shipping no config.json."""
+
+    dim: int = 4096
+    text_card: int = 32000
+    existing_text_padding_id: int = 3
+    existing_text_end_padding_id: int = 0
+    n_q: int = 16
+    dep_q: int = 8
+    card: int = 2048
+    num_heads: int = 32
+    num_layers: int = 32
+    hidden_scale: float = 4.125
+    causal: bool = True
+    layer_scale: float | None = None
+    context: int | None = 3000
+    max_period: float = 10_000.0
+    gating: str = "silu"
+    norm: str = "rms_norm_f32"
+    positional_embedding: str = "rope"
+    depformer_dim: int = 1024
+    depformer_num_heads: int = 16
+    depformer_num_layers: int = 6
+    depformer_dim_feedforward: int | None = 4224
+    depformer_layer_scale: float | None = None
+    depformer_multi_linear: bool = True
+    depformer_context: int | None = 8
+    depformer_max_period: float = 10_000.0
+    depformer_gating: str = "silu"
+    depformer_pos_emb: str = "none"
+    depformer_weights_per_step: bool = True
+    depformer_weights_per_step_schedule: list[int] | None = None
+    delays: list[int] = field(default_factory=lambda: [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1])
+    extra_heads_num_heads: int = 0
+    extra_heads_dim: int = 6
+    # Application fields (Kyutai's STT/TTS repos and our converted directories), kept for the apps.
+    moshi_name: str | None = None
+    mimi_name: str | None = None
+    tokenizer_name: str | None = None
+    model_type: str | None = None
+    stt_config: dict | None = None
+    tts_config: dict | None = None
+    lm_gen_config: dict | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if len(self.delays) != self.n_q + 1:
+            problems.append(f"delays has {len(self.delays)} entries, expected n_q + 1 = {self.n_q + 1}")
+        if self.dep_q > self.n_q:
+            problems.append(f"dep_q {self.dep_q} > n_q {self.n_q}")
+        if self.depformer_weights_per_step_schedule is not None and \
+                len(self.depformer_weights_per_step_schedule) != self.dep_q:
+            problems.append("depformer_weights_per_step_schedule must have dep_q entries")
+        if self.dim % self.num_heads or self.depformer_dim % self.depformer_num_heads:
+            problems.append("dims must be divisible by the head counts")
+        if problems:
+            raise ValueError("invalid LmConfig: " + "; ".join(problems))
+
+    # Keys of Kyutai configs that only matter for training or for modules we do not have.
+    _IGNORED = {"conditioners", "fuser", "cross_attention", "demux_second_stream", "quantization",
+                "text_card_out", "norm_emb", "bias_proj", "depformer_low_rank_embeddings",
+                "depformer_norm", "gradient_checkpointing"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LmConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unsupported = [k for k in ("demux_second_stream", "depformer_low_rank_embeddings", "norm_emb",
+                                   "depformer_norm", "text_card_out", "cross_attention")
+                       if d.get(k) not in (None, False, d.get("text_card") if k == "text_card_out" else None)]
+        if unsupported:
+            raise ValueError(f"LM config uses features moshi_mlx does not support yet: {unsupported}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LmConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @property
+    def num_codebooks(self) -> int:
+        """Streams per step: text + n_q audio."""
+        return self.n_q + 1
+
+    @property
+    def num_user_codebooks(self) -> int:
+        return self.n_q - self.dep_q
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    def temporal(self) -> TransformerConfig:
+        return TransformerConfig(
+            d_model=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
+            dim_feedforward=int(self.hidden_scale * self.dim), context=self.context, causal=self.causal,
+            max_period=self.max_period, positional_embedding=self.positional_embedding, norm=self.norm,
+            gating=self.gating, layer_scale=self.layer_scale)
+
+    def depformer(self) -> TransformerConfig:
+        ff = self.depformer_dim_feedforward
+        if ff is None:
+            ff = int(self.hidden_scale * self.depformer_dim)
+        return TransformerConfig(
+            d_model=self.depformer_dim, num_heads=self.depformer_num_heads,
+            num_layers=self.depformer_num_layers, dim_feedforward=ff,
+            context=None,  # Kyutai forces this: the depformer attends to all steps of its frame
+            causal=self.causal, max_period=self.depformer_max_period,
+            positional_embedding=self.depformer_pos_emb, norm=self.norm, gating=self.depformer_gating,
+            layer_scale=self.depformer_layer_scale,
+            weights_per_step=self.dep_q if self.depformer_weights_per_step else 0,
+            weights_per_step_schedule=self.depformer_weights_per_step_schedule)
+
+
+def embed(table: nn.Module, tokens: mx.array) -> mx.array:
+    """Embedding lookup where −1 gives zeros (Kyutai's ScaledEmbedding zero_idx)."""
+    y = table(mx.maximum(tokens, 0))
+    return y * (tokens >= 0)[..., None].astype(y.dtype)
+
+
+class LMModel(nn.Module):
+    """Parameter names mirror Kyutai's release keys (see weights.py for the few renames)."""
+
+    def __init__(self, config: LmConfig | None = None):
+        super().__init__()
+        cfg = config or LmConfig()
+        self.config = cfg
+        self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
+        self.emb = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
+        self.transformer = Transformer(cfg.temporal())
+        self.out_norm = make_norm(cfg.norm, cfg.dim)
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        num_in = 1
+        if cfg.depformer_multi_linear:
+            num_in = cfg.dep_q
+            if cfg.depformer_weights_per_step_schedule:
+                num_in = max(cfg.depformer_weights_per_step_schedule) + 1
+        self.depformer_in = [nn.Linear(cfg.dim, cfg.depformer_dim, bias=False) for _ in range(num_in)]
+        if cfg.dep_q > 0:
+            self.depformer_emb = [nn.Embedding(cfg.card + 1, cfg.depformer_dim) for _ in range(cfg.dep_q - 1)]
+            self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, cfg.depformer_dim)
+            self.depformer = Transformer(cfg.depformer())
+        self.linears = [nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q)]
+        self.extra_heads = [nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False)
+                            for _ in range(cfg.extra_heads_num_heads)]
+
+    # -- temporal transformer ---------------------------------------------------------------
+    def _embed_step_tokens(self, tokens: mx.array) -> mx.array:
+        """tokens [B, K, T] (K = 1 + n_q) → summed embeddings [B, T, dim]."""
+        x = embed(self.text_emb, tokens[:, 0])
+        for k, table in enumerate(self.emb):
+            x = x + embed(table, tokens[:, k + 1])
+        return x
+
+    def _text_head(self, h: mx.array) -> tuple[mx.array, mx.array]:
+        out = self.out_norm(h)
+        return out, self.text_linear(out)
+
+    def forward_text(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Batch: input tokens [B, K, T] (already delayed) → (transformer_out [B, T, dim],
+        text logits [B, T, text_card])."""
+        return self._text_head(self.transformer(self._embed_step_tokens(tokens)))
+
+    def step_text(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Streaming: one step's tokens [B, K, 1] → ([B, 1, dim], [B, 1, text_card])."""
+        return self._text_head(self.transformer.step(self._embed_step_tokens(tokens)))
+
+    # -- depformer -------------------------------------------------------------------------------
+    def _depformer_input(self, cb: int, prev_tokens: mx.array, transformer_out: mx.array) -> mx.array:
+        """Input of depformer step `cb`: its projection of the temporal output plus the
+        embedding of the previous token (the text token at step 0)."""
+        cfg = self.config
+        idx = 0
+        if cfg.depformer_multi_linear:
+            idx = cfg.depformer_weights_per_step_schedule[cb] if cfg.depformer_weights_per_step_schedule else cb
+        x = self.depformer_in[idx](transformer_out)
+        table = self.depformer_text_emb if cb == 0 else self.depformer_emb[cb - 1]
+        return x + embed(table, prev_tokens)
+
+    def forward_depformer(self, tokens: mx.array, transformer_out: mx.array) -> mx.array:
+        """Teacher-forced depformer over all steps: tokens [B, K, T] are the *targets* of
+        each step (text, then Moshi's audio); returns audio logits [B, dep_q, T, card]."""
+        B, _, T = tokens.shape
+        dep_q = self.config.dep_q
+        inputs = [self._depformer_input(cb, tokens[:, cb], transformer_out) for cb in range(dep_q)]
+        x = mx.stack(inputs, axis=2).reshape(B * T, dep_q, -1)  # each time step is a sequence
+        y = self.depformer(x).reshape(B, T, dep_q, -1)
+        return mx.stack([self.linears[cb](y[:, :, cb]) for cb in range(dep_q)], axis=1)
+
+    def depformer_step(self, cb: int, prev_token: mx.array, transformer_out: mx.array) -> mx.array:
+        """Streaming depformer step `cb` (its state must be started for this frame):
+        prev_token [B] (text token at cb 0), transformer_out [B, 1, dim] → logits [B, card]."""
+        x = self._depformer_input(cb, prev_token[:, None], transformer_out)
+        return self.linears[cb](self.depformer.step(x))[:, 0]
+
+    def start_depformer_frame(self) -> None:
+        """Fresh depformer state: its KV cache only ever holds the current frame's steps."""
+        self.depformer.start_streaming(capacity=self.config.dep_q)
+
+    def initial_tokens(self, batch: int) -> mx.array:
+        """[B, K, 1]: text_card for text (the start token), card for every audio stream."""
+        cfg = self.config
+        tok = [cfg.text_card] + [cfg.card] * cfg.n_q
+        return mx.broadcast_to(mx.array(tok, mx.int32)[None, :, None], (batch, cfg.num_codebooks, 1))
+
+    def check_tokens(self, tokens: mx.array, what: str) -> None:
+        cfg = self.config
+        if tokens.ndim != 3 or tokens.shape[1] != cfg.num_codebooks:
+            raise InputError(f"{what}: expected tokens [batch, {cfg.num_codebooks}, steps], got {list(tokens.shape)}")
+        text, audio = tokens[:, 0], tokens[:, 1:]
+        if mx.any((text < ZERO_TOKEN) | (text > cfg.text_card)).item():
+            raise InputError(f"{what}: text tokens must lie in [-1, {cfg.text_card}]")
+        if mx.any((audio < ZERO_TOKEN) | (audio > cfg.card)).item():
+            raise InputError(f"{what}: audio tokens must lie in [-1, {cfg.card}]")
