@@ -84,8 +84,11 @@ def weight_files(directory: Path, stem: str = "model") -> list[Path]:
 # Strict assignment
 
 
-def assign(model: nn.Module, weights: dict[str, mx.array], source: str, dtype: mx.Dtype | None = None) -> None:
-    """Load `weights` (already in moshi_mlx naming and layout) into `model`, strictly."""
+def assign(model: nn.Module, weights: dict[str, mx.array], source: str, dtype: mx.Dtype | None = None,
+           evaluate: bool = True) -> None:
+    """Load `weights` (already in moshi_mlx naming and layout) into `model`, strictly.
+
+    evaluate=False leaves the parameters lazy (to quantize before anything is materialized)."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -105,7 +108,8 @@ def assign(model: nn.Module, weights: dict[str, mx.array], source: str, dtype: m
     # matmul that reshapes a weight would copy it again on each call.
     weights = {k: mx.contiguous(v) for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
-    mx.eval(model.parameters())
+    if evaluate:
+        mx.eval(model.parameters())
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -421,9 +425,12 @@ def lm_source(path_or_repo_id: str | Path, revision: str | None = None) -> tuple
     return [resolve_file(path_or_repo_id, n, revision) for n in names], config, path_or_repo_id
 
 
-def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.Dtype = mx.float32):
-    """(LMModel, config dict, sibling location) from any supported LM checkpoint."""
+def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.Dtype | None = None,
+            quantize: int | None = None, group_size: int | None = None):
+    """(LMModel, config dict, sibling location) from any supported LM checkpoint, optionally
+    quantized on the way (layer by layer: the full-precision model is never all in memory)."""
     from .models.lm import LMModel, LmConfig
+    from .quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model
 
     paths, config, home = lm_source(path_or_repo_id, revision)
     try:
@@ -438,5 +445,9 @@ def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.
     else:
         raise CheckpointError(f"{source}: {layout} LM layout is not supported yet")
     model = LMModel(cfg)
-    assign(model, weights, source, dtype)
+    assign(model, weights, source, evaluate=False)
+    if quantize:
+        quantize_model(model, QuantizationSpec.make(quantize, group_size))
+    cast_floating(model, dtype or compute_dtype())
+    eval_by_layer(model)
     return model, config, home

@@ -28,12 +28,18 @@ class MoshiForConditionalGeneration:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None,
-                        dtype: mx.Dtype = mx.float32) -> "MoshiForConditionalGeneration":
+                        dtype: mx.Dtype | None = None, quantize: int | None = None,
+                        group_size: int | None = None) -> "MoshiForConditionalGeneration":
         """A Kyutai-style directory or repo (config.json with the LM kwargs and file names,
-        or none: the 7B defaults and release file names), a single weights file, or a repo id."""
+        or none: the 7B defaults and release file names), a single weights file, or a repo id.
+
+        quantize=4|8 quantizes while loading (group_size defaults: 32 for 4-bit, 64 for
+        8-bit); dtype defaults to the backend's compute dtype (see quantize.compute_dtype).
+        """
         from ..weights import load_lm
 
-        lm, raw, home = load_lm(path_or_repo_id, revision=revision, dtype=dtype)
+        lm, raw, home = load_lm(path_or_repo_id, revision=revision, dtype=dtype, quantize=quantize,
+                                group_size=group_size)
         return cls(lm, home, raw)
 
     @property

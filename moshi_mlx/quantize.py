@@ -1,0 +1,127 @@
+"""Weight quantization and the compute dtype: the one place that decides both.
+
+What is quantized: every Linear and Embedding whose input size is a multiple of the group
+size (for Moshi: all attention, feed-forward, projection and output matrices and the
+embedding tables: MLX's default predicate, as in Kyutai's published MLX files). Norms stay
+in full precision. Defaults: 4-bit with groups of 32, 8-bit with groups of 64.
+
+Compute dtype: on Metal, bfloat16 as usual; on the CPU backend float32, because MLX's CPU
+kernels for bf16 matmuls and for quantized matmuls with bf16 activations are ~10x slower
+than float32 there (measured by `moshi-mlx bench lm`). One switch: `compute_dtype()`, which
+MOSHI_MLX_DTYPE=float32|bfloat16|float16 overrides.
+
+On the CPU backend a quantized matmul runs on one thread; QuantizedLinear here splits its
+output rows across one MLX stream per core, which run in parallel (2x on 2 cores).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+
+DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
+
+
+def compute_dtype() -> mx.Dtype:
+    name = os.environ.get("MOSHI_MLX_DTYPE")
+    if name:
+        try:
+            return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[name]
+        except KeyError:
+            raise ValueError(f"MOSHI_MLX_DTYPE must be float32, bfloat16 or float16, got {name!r}") from None
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    bits: int
+    group_size: int
+
+    @classmethod
+    def make(cls, bits: int, group_size: int | None = None) -> "QuantizationSpec":
+        if bits not in (2, 3, 4, 6, 8):
+            raise ValueError(f"quantization bits must be 2, 3, 4, 6 or 8, got {bits}")
+        group_size = group_size or DEFAULT_GROUP_SIZE.get(bits, 64)
+        if group_size not in (32, 64, 128):
+            raise ValueError(f"quantization group size must be 32, 64 or 128, got {group_size}")
+        return cls(bits, group_size)
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+
+_STREAMS: list[mx.Stream] = []
+
+
+def _cpu_streams() -> list[mx.Stream]:
+    if not _STREAMS:
+        _STREAMS.append(mx.default_stream(mx.cpu))
+        for _ in range(max(1, min(8, (os.cpu_count() or 1))) - 1):
+            _STREAMS.append(mx.new_stream(mx.cpu))
+    return _STREAMS
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear whose matmul is split by output rows across CPU streams."""
+
+    MIN_ROWS_PER_SHARD = 256
+
+    def __call__(self, x: mx.array) -> mx.array:
+        streams = _cpu_streams() if mx.default_device() == mx.cpu else []
+        rows = self.weight.shape[0]
+        n = min(len(streams), rows // self.MIN_ROWS_PER_SHARD)
+        if n <= 1:
+            return super().__call__(x)
+        bounds = [rows * i // n for i in range(n + 1)]
+        outs = []
+        for i, stream in enumerate(streams[:n]):
+            lo, hi = bounds[i], bounds[i + 1]
+            with mx.stream(stream):
+                outs.append(mx.quantized_matmul(
+                    x, self.weight[lo:hi], scales=self.scales[lo:hi], biases=self.biases[lo:hi],
+                    transpose=True, group_size=self.group_size, bits=self.bits))
+        y = mx.concatenate(outs, axis=-1)
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+
+def _quantizable(module: nn.Module, spec: QuantizationSpec) -> bool:
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        return False
+    return module.weight.shape[-1] % spec.group_size == 0
+
+
+def quantize_model(model: nn.Module, spec: QuantizationSpec) -> nn.Module:
+    """Replace quantizable layers in place (lazily: nothing is evaluated here)."""
+
+    def convert(_path: str, m: nn.Module):
+        if not _quantizable(m, spec):
+            return m
+        if isinstance(m, nn.Embedding):
+            return nn.QuantizedEmbedding.from_embedding(m, spec.group_size, spec.bits)
+        return QuantizedLinear.from_linear(m, spec.group_size, spec.bits)
+
+    leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+    return model
+
+
+def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast float parameters (norms, unquantized weights, quantization scales) to `dtype`."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    params = [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v)
+              for k, v in tree_flatten(model.parameters())]
+    model.update(tree_unflatten(params))
+
+
+def eval_by_layer(model: nn.Module) -> None:
+    """Evaluate parameters one leaf module at a time, so a lazily built or loaded model is
+    never materialized at full precision all at once on its way to being quantized."""
+    for _, m in model.named_modules():
+        if not m.children() or isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.Linear, nn.Embedding)):
+            mx.eval(m.parameters())

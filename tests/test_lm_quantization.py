@@ -1,0 +1,93 @@
+"""Quality cost of 8- and 4-bit weights, measured on a teacher-forced sequence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from moshi_mlx.models.moshi import MoshiForConditionalGeneration
+from moshi_mlx.quantize import QuantizedLinear
+import reference as R
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def quality(p_logits: np.ndarray, q_logits: np.ndarray) -> tuple[float, float, float]:
+    """(mean KL(p‖q) in nats, top-1 agreement, relative L2 error of the logits)."""
+    lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
+    kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    top1 = float((p_logits.argmax(-1) == q_logits.argmax(-1)).mean())
+    err = float(np.linalg.norm(q_logits - p_logits) / np.linalg.norm(p_logits))
+    return kl, top1, err
+
+
+def teacher_forced_logits(model, tokens):
+    out, text = model.lm.forward_text(mx.array(tokens))
+    audio = model.lm.forward_depformer(mx.array(tokens), out)
+    return np.array(text), np.array(audio)
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tmp_path_factory):
+    # dims divisible by both group sizes so every matrix is quantized, depformer included
+    kwargs = R.tiny_lm_kwargs(dim=128, num_heads=4, hidden_scale=4.5, depformer_dim=64, depformer_dim_feedforward=288)
+    path = tmp_path_factory.mktemp("lm-q")
+    R.save_kyutai_lm(R.random_kyutai_lm(kwargs, seed=7), path, kwargs)
+    return path
+
+
+def test_quantization_quality(fp32_dir):
+    """q8 keeps the logits: relative error < 4%, KL < 5e-3 nats, top-1 agreement ≥ 90%.
+
+    Why these bounds: 8-bit affine quantization with groups of 64 rounds each weight to a
+    step of ~5σ/255 (σ = the group's spread): an rms error of ~0.6% of σ, so each quantized
+    matmul adds an independent ~0.6% relative error. The text logits come through ~12 of
+    them (embeddings, 2 layers × (q/k/v, out, the two gating halves, gating out), head), the
+    audio logits through ~24 (plus the depformer), so ~0.6%·√12 ≈ 2% and ~0.6%·√24 ≈ 3%;
+    4% bounds both. For logits of std s ≤ 2 (these random ones), KL ≈ ½·Var(Δlogit) ≤
+    ½·(0.04·2)² ≈ 3e-3 < 5e-3. An argmax flips only where the top two of 2048 random logits
+    are within that error: a few % of positions. 4-bit (groups of 32, ~16x coarser steps) is
+    reported and must stay several times worse than 8-bit.
+    """
+    rng = np.random.default_rng(0)
+    fp = MoshiForConditionalGeneration.from_pretrained(fp32_dir)
+    cfg = fp.config
+    tokens = np.concatenate([rng.integers(0, cfg.text_card, (1, 1, 64)),
+                             rng.integers(0, cfg.card, (1, cfg.n_q, 64))], axis=1)
+    text_fp, audio_fp = teacher_forced_logits(fp, tokens)
+    report = {}
+    for bits in (8, 4):
+        q = MoshiForConditionalGeneration.from_pretrained(fp32_dir, quantize=bits)
+        n_quantized = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in q.lm.named_modules())
+        n_float = sum(type(m) in (nn.Linear, nn.Embedding) for _, m in q.lm.named_modules())
+        assert n_quantized > 0 and n_float == 0, (n_quantized, n_float)
+        assert any(isinstance(m, QuantizedLinear) for _, m in q.lm.named_modules())
+        text_q, audio_q = teacher_forced_logits(q, tokens)
+        report[bits] = (quality(text_fp, text_q), quality(audio_fp, audio_q))
+    print("\nquantization quality vs fp32 (KL nats, top-1 agreement, relative logit error):")
+    for bits, ((kt, tt, et), (ka, ta, ea)) in report.items():
+        print(f"  q{bits}: text KL {kt:.2e} top-1 {tt:.3f} err {et:.2%} | "
+              f"audio KL {ka:.2e} top-1 {ta:.3f} err {ea:.2%}")
+    for kl, top1, err in report[8]:
+        assert err < 0.04 and kl < 5e-3 and top1 >= 0.90, report
+    for q8, q4 in zip(report[8], report[4]):
+        assert q4[2] > 5 * q8[2], report  # 4-bit error well above 8-bit's
+
+
+def test_quantized_bits_are_the_same_whether_quantized_now_or_later(fp32_dir):
+    """Quantizing while loading equals quantizing the loaded fp32 model in memory."""
+    from moshi_mlx.quantize import QuantizationSpec, quantize_model
+
+    a = MoshiForConditionalGeneration.from_pretrained(fp32_dir, quantize=4)
+    b = MoshiForConditionalGeneration.from_pretrained(fp32_dir)
+    quantize_model(b.lm, QuantizationSpec.make(4))
+    from mlx.utils import tree_flatten
+
+    pa, pb = dict(tree_flatten(a.lm.parameters())), dict(tree_flatten(b.lm.parameters()))
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert mx.array_equal(pa[k], pb[k]).item(), k
