@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
@@ -347,13 +348,16 @@ LM_KYUTAI_NAME = "model.safetensors"
 
 
 def lm_layout(keys: set[str]) -> str:
+    if "decoder.model.embed_tokens.weight" in keys or "model.embed_tokens.weight" in keys:
+        return "transformers"
     if "text_emb.weight" in keys and any(k.startswith("transformer.layers.") for k in keys):
         if any(k.startswith("depformer.slices.") or k.startswith("audio_embs.") for k in keys):
             return "kyutai-mlx"
         return "kyutai"
     sample = ", ".join(sorted(keys)[:5])
     raise CheckpointError("unknown Moshi LM checkpoint layout: expected Kyutai's release keys (text_emb.weight, "
-                          f"transformer.layers.N.*, depformer.*); found e.g. {sample}")
+                          "transformer.layers.N.*, depformer.*) or transformers' (decoder.model.*, depth_decoder.*); "
+                          f"found e.g. {sample}")
 
 
 def _split_steps(w: mx.array, steps: int, key: str) -> list[mx.array]:
@@ -425,23 +429,38 @@ def lm_source(path_or_repo_id: str | Path, revision: str | None = None) -> tuple
     return [resolve_file(path_or_repo_id, n, revision) for n in names], config, path_or_repo_id
 
 
+@dataclass
+class LoadedLM:
+    model: "LMModel"  # noqa: F821
+    raw_config: dict  # the checkpoint's config.json ({} for Moshiko/Moshika releases)
+    home: str | Path  # directory or repo holding the sibling files (Mimi, tokenizer)
+    layout: str
+    mimi_state: dict[str, mx.array]  # transformers layout: the embedded Mimi's weights
+
+
 def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.Dtype | None = None,
-            quantize: int | None = None, group_size: int | None = None):
-    """(LMModel, config dict, sibling location) from any supported LM checkpoint, optionally
-    quantized on the way (layer by layer: the full-precision model is never all in memory)."""
+            quantize: int | None = None, group_size: int | None = None) -> LoadedLM:
+    """An LMModel from any supported LM checkpoint, optionally quantized on the way (layer
+    by layer: the full-precision model is never all in memory)."""
     from .models.lm import LMModel, LmConfig
     from .quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model
 
     paths, config, home = lm_source(path_or_repo_id, revision)
-    try:
-        cfg = LmConfig.from_dict(config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path_or_repo_id}: bad LM config: {e}") from None
     state = read_safetensors(paths)
     layout = lm_layout(set(state))
     source = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} shards)"
+    try:
+        if layout == "transformers":
+            config_kw = lm_config_from_transformers(config, text_only="model.embed_tokens.weight" in state)
+        else:
+            config_kw = config
+        cfg = LmConfig.from_dict(config_kw)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path_or_repo_id}: bad LM config: {e}") from None
     if layout == "kyutai":
         weights = lm_weights_from_kyutai(state, cfg)
+    elif layout == "transformers":
+        weights = lm_weights_from_transformers(state, cfg)
     else:
         raise CheckpointError(f"{source}: {layout} LM layout is not supported yet")
     model = LMModel(cfg)
@@ -450,4 +469,120 @@ def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.
         quantize_model(model, QuantizationSpec.make(quantize, group_size))
     cast_floating(model, dtype or compute_dtype())
     eval_by_layer(model)
-    return model, config, home
+    mimi_state = {k: v for k, v in state.items() if k.startswith("audio_encoder.")}
+    return LoadedLM(model, config, home, layout, mimi_state)
+
+
+# - "transformers": MoshiForConditionalGeneration (`decoder.model.*`, `decoder.lm_head`,
+#   `embed_tokens.K`, `depth_decoder.*` with per-codebook weights stacked on dim 0, Mimi under
+#   `audio_encoder.*`) or MoshiForCausalLM (`model.*`, `lm_head`). q/k rows of the temporal
+#   transformer are permuted for rotate-half RoPE; the depth decoder has no RoPE.
+
+
+def lm_config_from_transformers(hf: dict, text_only: bool = False) -> dict:
+    """LM kwargs (LmConfig fields) equivalent to a transformers MoshiConfig dict
+    (text_only: a MoshiForCausalLM checkpoint, no audio streams)."""
+    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+        raise CheckpointError("transformers Moshi config with grouped-query attention is not supported")
+    dim = hf["hidden_size"]
+    # transformers stores the gated FF as fc1 [2·hidden, d]; Kyutai's hidden is 2·dim_ff/3
+    dim_ff = hf["ffn_dim"] * 3 // 4
+    if dim_ff == 4 * dim:
+        raise CheckpointError("transformers Moshi ffn_dim maps to Kyutai's 4·dim special case; unsupported")
+    kw = dict(dim=dim, text_card=hf["vocab_size"], num_heads=hf["num_attention_heads"],
+              num_layers=hf["num_hidden_layers"], hidden_scale=dim_ff / dim, context=hf.get("sliding_window", 3000),
+              max_period=hf.get("rope_theta", 10000.0), gating="silu",
+              norm="rms_norm_f32" if hf.get("rms_norm_eps", 1e-8) == 1e-8 else "rms_norm",
+              positional_embedding="rope", layer_scale=None)
+    K = hf.get("num_codebooks", 8)
+    dep = hf.get("depth_decoder_config")
+    if dep is None or text_only:
+        return {**kw, "n_q": 0, "dep_q": 0, "delays": [0], "depformer_multi_linear": False}
+    card = hf.get("audio_vocab_size") or (hf.get("audio_encoder_config") or {}).get("codebook_size", 2048)
+    return {**kw, "n_q": 2 * K, "dep_q": K, "card": card, "delays": [0] + ([0] + [1] * (K - 1)) * 2,
+            "depformer_dim": dep["hidden_size"], "depformer_num_heads": dep["num_attention_heads"],
+            "depformer_num_layers": dep["num_hidden_layers"], "depformer_dim_feedforward": dep["ffn_dim"] * 3 // 4,
+            "depformer_multi_linear": True, "depformer_weights_per_step": True, "depformer_pos_emb": "none",
+            "depformer_context": K, "depformer_gating": "silu"}
+
+
+def lm_weights_from_transformers(state: dict[str, mx.array], config) -> dict[str, mx.array]:
+    """transformers Moshi naming → moshi_mlx's LMModel parameters (Mimi keys are skipped)."""
+    out: dict[str, mx.array] = {}
+    qkv: dict[str, dict[str, mx.array]] = {}
+    prefix = "decoder.model." if "decoder.model.embed_tokens.weight" in state else "model."
+    head = "decoder.lm_head.weight" if prefix == "decoder.model." else "lm_head.weight"
+    for k, v in state.items():
+        if k.startswith("audio_encoder."):
+            continue
+        if k == prefix + "embed_tokens.weight":
+            out["text_emb.weight"] = v
+        elif k == head:
+            out["text_linear.weight"] = v
+        elif k == prefix + "norm.weight":
+            out["out_norm.alpha"] = v
+        elif m := re.fullmatch(r"embed_tokens\.(\d+)\.weight", k):
+            out[f"emb.{m[1]}.weight"] = v
+        elif m := re.fullmatch(re.escape(prefix) + r"layers\.(\d+)\.(.+)", k):
+            n, rest = m[1], m[2]
+            if a := re.fullmatch(r"self_attn\.([qkv])_proj\.linear\.weight", rest):
+                qkv.setdefault(f"transformer.layers.{n}", {})[a[1]] = v
+                continue
+            name = {"self_attn.o_proj.linear.weight": "self_attn.out_proj.weight",
+                    "input_layernorm.weight": "norm1.alpha", "post_attention_layernorm.weight": "norm2.alpha",
+                    "mlp.fc1.weight": "gating.linear_in.weight", "mlp.fc2.weight": "gating.linear_out.weight"}.get(rest)
+            out[f"transformer.layers.{n}.{name or rest}"] = v
+        elif k == "depth_decoder.input_projections.weight":
+            for i in range(v.shape[0]):
+                out[f"depformer_in.{i}.weight"] = v[i]
+        elif k == "depth_decoder.lm_heads.weight":
+            for i in range(v.shape[0]):
+                out[f"linears.{i}.weight"] = v[i]
+        elif k == "depth_decoder.text_embed_tokens.weight":
+            out["depformer_text_emb.weight"] = v
+        elif m := re.fullmatch(r"depth_decoder\.embed_tokens\.(\d+)\.weight", k):
+            out[f"depformer_emb.{m[1]}.weight"] = v
+        elif m := re.fullmatch(r"depth_decoder\.layers\.(\d+)\.(.+)", k):
+            layer, rest = f"depformer.layers.{m[1]}", m[2]
+            if a := re.fullmatch(r"self_attn\.([qkv])_proj\.linear\.weight", rest):
+                qkv.setdefault(layer, {})[a[1]] = v
+            elif rest == "self_attn.o_proj.linear.weight":
+                for i in range(v.shape[0]):
+                    out[f"{layer}.self_attn.out_projs.{i}.weight"] = v[i]
+            elif rest in ("mlp.fc1.weight", "mlp.fc2.weight"):
+                which = "linear_in" if rest == "mlp.fc1.weight" else "linear_out"
+                for i in range(v.shape[0]):
+                    out[f"{layer}.gating.{i}.{which}.weight"] = v[i]
+            elif rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+                out[f"{layer}.{'norm1' if rest.startswith('input') else 'norm2'}.alpha"] = v
+            else:
+                out[k] = v
+        else:
+            out[k] = v
+    for layer, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{layer}: needs q_proj, k_proj and v_proj, found {sorted(parts)}")
+        if layer.startswith("transformer."):
+            heads = config.num_heads
+            out[f"{layer}.self_attn.in_proj.weight"] = mx.concatenate(
+                [unpermute_rotate_half(parts["q"], heads), unpermute_rotate_half(parts["k"], heads), parts["v"]], 0)
+        else:  # depth decoder: [steps, d, d] each, no RoPE so no permutation
+            for i in range(parts["q"].shape[0]):
+                out[f"{layer}.self_attn.in_projs.{i}.weight"] = mx.concatenate(
+                    [parts["q"][i], parts["k"][i], parts["v"][i]], 0)
+    return out
+
+
+def mimi_from_state(state: dict[str, mx.array], prefix: str, hf_config: dict | None):
+    """A MimiModel from transformers-layout keys under `prefix` (e.g. Moshi's audio_encoder.)."""
+    from .models.mimi import MimiConfig, MimiModel
+
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not sub:
+        raise CheckpointError(f"no Mimi weights under {prefix!r}")
+    config = MimiConfig.from_dict(hf_config or {})
+    model = MimiModel(config)
+    weights = mimi_weights_from_transformers(sub, config.num_attention_heads)
+    _fix_seanet_conv_layouts(model, weights)
+    assign(model, weights, prefix.rstrip("."))
+    return model

@@ -183,3 +183,46 @@ def save_kyutai_lm(model, directory, kwargs: dict, name: str = "model.safetensor
     directory.mkdir(parents=True, exist_ok=True)
     save_file(kyutai_release_state_dict(model), str(directory / name))
     (directory / "config.json").write_text(json.dumps({**kwargs, "moshi_name": name}, indent=2))
+
+
+@torch.no_grad()
+def random_transformers_moshi(seed: int = 0, text_vocab: int = 100):
+    """A tiny transformers MoshiForConditionalGeneration (8+8 codebooks of 2048, a tiny Mimi
+    inside), random weights rescaled so that logits are not flat."""
+    from transformers import MimiConfig, MoshiConfig, MoshiForConditionalGeneration
+
+    torch.manual_seed(seed)
+    mimi = MimiConfig(hidden_size=16, num_filters=4, num_residual_layers=1, upsampling_ratios=[8, 6, 5, 4],
+                      codebook_size=2048, codebook_dim=16, vector_quantization_hidden_dimension=16,
+                      num_quantizers=8, num_semantic_quantizers=1, upsample_groups=16, num_hidden_layers=1,
+                      intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, sliding_window=250)
+    cfg = MoshiConfig(vocab_size=text_vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      ffn_dim=2 * 176, num_codebooks=8, max_position_embeddings=3000, sliding_window=3000,
+                      audio_encoder_config=mimi.to_dict(),
+                      depth_decoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                ffn_dim=2 * 88, sliding_window=8, max_position_embeddings=9))
+    model = MoshiForConditionalGeneration(cfg).eval()
+    _sharpen(model, skip="audio_encoder.")
+    return model
+
+
+def _sharpen(model, skip: str | None = None) -> None:
+    for name, p in model.named_parameters():
+        if skip and name.startswith(skip):
+            continue
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+        elif p.dim() >= 2:
+            p.copy_(torch.randn_like(p) / (p.shape[-1] ** 0.5))
+
+
+@torch.no_grad()
+def random_transformers_causal_lm(seed: int = 0):
+    from transformers import MoshiConfig, MoshiForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MoshiConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      ffn_dim=2 * 176, max_position_embeddings=3000, sliding_window=3000)
+    model = MoshiForCausalLM(cfg).eval()
+    _sharpen(model)
+    return model

@@ -160,8 +160,8 @@ class LMModel(nn.Module):
         self.transformer = Transformer(cfg.temporal())
         self.out_norm = make_norm(cfg.norm, cfg.dim)
         self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
-        num_in = 1
-        if cfg.depformer_multi_linear:
+        num_in = 1 if cfg.dep_q else 0  # dep_q 0: a text-only model (Helium, ASR)
+        if cfg.depformer_multi_linear and cfg.dep_q:
             num_in = cfg.dep_q
             if cfg.depformer_weights_per_step_schedule:
                 num_in = max(cfg.depformer_weights_per_step_schedule) + 1

@@ -10,12 +10,15 @@ import mlx.nn as nn
 
 
 class ResidualVectorQuantizer(nn.Module):
-    """Bias-free 1×1 input/output projections around a stack of Euclidean codebooks."""
+    """Bias-free 1×1 input/output projections (absent where the sizes already match, as in
+    the reference) around a stack of Euclidean codebooks."""
 
     def __init__(self, n_q: int, bins: int, dim: int, input_dim: int, output_dim: int):
         super().__init__()
-        self.input_proj = nn.Linear(input_dim, dim, bias=False)
-        self.output_proj = nn.Linear(dim, output_dim, bias=False)
+        if input_dim != dim:
+            self.input_proj = nn.Linear(input_dim, dim, bias=False)
+        if output_dim != dim:
+            self.output_proj = nn.Linear(dim, output_dim, bias=False)
         self.codebooks = mx.random.normal((n_q, bins, dim))
 
     @property
@@ -32,7 +35,7 @@ class ResidualVectorQuantizer(nn.Module):
 
     def encode(self, x: mx.array, n_q: int) -> mx.array:
         """x [B, T, input_dim] → codes [B, T, n_q] (int32): nearest code, residual −= code."""
-        residual = self.input_proj(x)
+        residual = self.input_proj(x) if "input_proj" in self else x
         norms = self._half_norms()
         codes = []
         for i in range(n_q):
@@ -52,8 +55,12 @@ class ResidualVectorQuantizer(nn.Module):
         chosen on ‖r − c‖² computed directly, as accurate as float32 allows.
         """
         approx = half_norms - r @ cb.T  # [B, T, bins]
-        cand = mx.argpartition(approx, kth=shortlist - 1, axis=-1)[..., :shortlist]
-        exact = mx.square(r[..., None, :] - cb[cand]).sum(-1)  # [B, T, shortlist]
+        # Exact ties go to the lowest index, as torch's argmin does (it matters for untrained,
+        # all-equal codebooks): argmin (first occurrence) joins the shortlist, which is sorted.
+        cand = mx.concatenate([mx.argmin(approx, axis=-1, keepdims=True).astype(mx.uint32),
+                               mx.argpartition(approx, kth=shortlist - 1, axis=-1)[..., :shortlist]], axis=-1)
+        cand = mx.sort(cand, axis=-1)
+        exact = mx.square(r[..., None, :] - cb[cand]).sum(-1)  # [B, T, shortlist + 1]
         return mx.take_along_axis(cand, mx.argmin(exact, axis=-1)[..., None], axis=-1)[..., 0]
 
     def decode(self, codes: mx.array) -> mx.array:
@@ -61,7 +68,7 @@ class ResidualVectorQuantizer(nn.Module):
         q = self.codebooks[0][codes[..., 0]]
         for i in range(1, codes.shape[-1]):
             q = q + self.codebooks[i][codes[..., i]]
-        return self.output_proj(q)
+        return self.output_proj(q) if "output_proj" in self else q
 
 
 class SplitResidualVectorQuantizer(nn.Module):
