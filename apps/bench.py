@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (mimi) printed as tables",
                        description="Speed and memory benchmarks, measured side by side with the "
                                    "reference implementations that are installed.")
-    p.add_argument("target", choices=["mimi"], help="what to benchmark")
+    p.add_argument("target", choices=["mimi", "lm"], help="what to benchmark")
     p.add_argument("--audio", type=Path, default=None,
                    help="audio file to use (default: 10 s of synthetic speech-like sound)")
     p.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10)")
@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated subset of {','.join(IMPLEMENTATIONS)}")
     p.add_argument("--num-quantizers", type=int, default=8, help="codebooks (default 8, as Moshi)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--steps", type=int, default=20, help="lm: timed steps per row (after 3 warm-up steps)")
+    p.add_argument("--no-7b", action="store_true", help="lm: skip the full 7B q4 row (it takes minutes)")
     p.set_defaults(run=run)
 
 
@@ -51,6 +53,8 @@ def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target == "lm":
+        return run_lm(args)
     from moshi_mlx.audio import read_audio
 
     if args.audio is not None:
@@ -104,7 +108,7 @@ def format_table(rows: list[dict], seconds: float, shared: bool) -> str:
 def _worker(impl: str, weights: Path | None, audio: Path, n_q: int) -> dict:
     cmd = [sys.executable, "-m", "moshi_mlx.apps.bench", impl, str(weights or ""), str(audio), str(n_q)]
     env = os.environ.copy()
-    if impl != "moshi_mlx":
+    if not impl.startswith("moshi_mlx"):
         # Keep our OpenBLAS out of the references' processes (torch brings its own BLAS and
         # OpenMP threads; a second BLAS thread pool would distort their timings).
         env["MOSHI_MLX_BLAS"] = "0"
@@ -251,6 +255,8 @@ def _make_weights(path: str, pcm: np.ndarray, n_q: int) -> dict:
 
 def _worker_main(argv: list[str]) -> None:
     impl, weights, audio, n_q = argv[0], argv[1], argv[2], int(argv[3])
+    if impl.startswith(("lm:", "moshi_mlx-lm:")):
+        return _lm_worker_main(impl, int(n_q))
     pcm = np.load(audio)
     try:
         if impl == "make-weights":
@@ -266,6 +272,142 @@ def _worker_main(argv: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - a benchmark row reports what went wrong
         res = {"error": f"{type(e).__name__}: {e}"[:120]}
     print(json.dumps(res))
+
+
+# ---------------------------------------------------------------------------------------------
+# bench lm: one LM step (text token + dep_q audio tokens), greedy, random weights.
+
+SMALL_LM = dict(dim=1024, num_layers=8, num_heads=16)  # with the real 7B depformer and vocabularies
+LM_ROWS = [  # (label, implementation, config, quantization bits)
+    ("small fp32", "moshi_mlx-lm:small:0", "small", 0),
+    ("small q8", "moshi_mlx-lm:small:8", "small", 8),
+    ("small q4", "moshi_mlx-lm:small:4", "small", 4),
+    ("small fp32", "lm:torch:small:fp32", "small", 0),
+    ("small bf16", "lm:torch:small:bf16", "small", 0),
+    ("7B q4", "moshi_mlx-lm:7b:4", "7b", 4),
+]
+
+
+def run_lm(args: argparse.Namespace) -> int:
+    rows = []
+    for label, impl, size, _ in LM_ROWS:
+        if size == "7b" and args.no_7b:
+            continue
+        print(f"running {impl} …", file=sys.stderr)
+        res = _worker(impl, None, Path("-"), args.steps)
+        res.update(impl="moshi (PyTorch)" if ":torch:" in impl else "moshi_mlx", config=label)
+        rows.append(res)
+    print(format_lm_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def format_lm_table(rows: list[dict]) -> str:
+    head = ("implementation", "config", "step ms", "temporal ms", "depformer ms", "× real time (80 ms)",
+            "peak RSS MB", "load s")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['impl']} | {r['config']} | " + " | ".join(["n/a"] * 6) + f" ({r['error']})")
+            continue
+        step = r["temporal_ms"] + r["depformer_ms"]
+        lines.append(" | ".join([r["impl"], r["config"], f"{step:.0f}", f"{r['temporal_ms']:.0f}",
+                                 f"{r['depformer_ms']:.0f}", f"{80.0 / step:.2f}", f"{r['peak_rss_mb']:.0f}",
+                                 f"{r['load_s']:.1f}"]))
+    return "\n".join(lines) + ("\nsmall = dim 1024, 8 layers, 16 heads + the real 7B depformer (1024, 6 layers, "
+                               "8 steps, per-step weights), vocabularies 32000 / 2048; random weights, greedy; "
+                               "one step = 1 text token + 8 audio tokens")
+
+
+def _lm_worker_main(impl: str, steps: int) -> None:
+    try:
+        if impl.startswith("lm:torch:"):
+            res = _bench_lm_torch(impl.split(":")[3], steps)
+        else:
+            _, size, bits = impl.split(":")
+            res = _bench_lm_mlx(size, int(bits), steps)
+    except ImportError as e:
+        res = {"error": f"not installed: {e.name}"}
+    except Exception as e:  # noqa: BLE001
+        res = {"error": f"{type(e).__name__}: {e}"[:160]}
+    print(json.dumps(res))
+
+
+def _bench_lm_mlx(size: str, bits: int, steps: int) -> dict:
+    import time
+
+    import moshi_mlx  # noqa: F401 - BLAS preload
+    import mlx.core as mx
+
+    from moshi_mlx.models.lm import LmConfig, LMModel
+    from moshi_mlx.modules.sampling import sample_token
+    from moshi_mlx.quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model
+
+    t0 = time.perf_counter()
+    cfg = LmConfig(**(SMALL_LM if size == "small" else {}))
+    model = LMModel(cfg)  # random init: lazy, so a 7B model is never materialized in full precision
+    if bits:
+        quantize_model(model, QuantizationSpec.make(bits))
+    cast_floating(model, compute_dtype())
+    eval_by_layer(model)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    model.transformer.start_streaming()
+    temporal = depformer = 0.0
+    for i in range(steps + 3):
+        tokens = np.concatenate([rng.integers(0, cfg.text_card, (1, 1, 1)), rng.integers(0, cfg.card, (1, cfg.n_q, 1))], 1)
+        t1 = time.perf_counter()
+        h, logits = model.step_text(mx.array(tokens.astype(np.int32)))
+        text = sample_token(logits[:, 0], 0.0)
+        mx.eval(h, text)
+        t2 = time.perf_counter()
+        model.start_depformer_frame()
+        prev = text
+        for cb in range(cfg.dep_q):
+            prev = sample_token(model.depformer_step(cb, prev, h), 0.0)
+        mx.eval(prev)
+        t3 = time.perf_counter()
+        if i >= 3:
+            temporal, depformer = temporal + t2 - t1, depformer + t3 - t2
+    return {"temporal_ms": temporal / steps * 1e3, "depformer_ms": depformer / steps * 1e3,
+            "peak_rss_mb": _peak_rss_mb(), "load_s": load_s}
+
+
+def _bench_lm_torch(dtype: str, steps: int) -> dict:
+    import time
+
+    import torch
+    from moshi.models.loaders import _lm_kwargs
+    from moshi.models.lm import LMModel
+
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    kwargs = {**_lm_kwargs, **SMALL_LM}
+    model = LMModel(**kwargs, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])).eval()
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    temporal = depformer = 0.0
+    dep_q = model.dep_q
+    with model.streaming(1):
+        for i in range(steps + 3):
+            tokens = np.concatenate([rng.integers(0, model.text_card, (1, 1, 1)),
+                                     rng.integers(0, model.card, (1, model.n_q, 1))], 1)
+            t1 = time.perf_counter()
+            h, logits = model.forward_text(torch.from_numpy(tokens))
+            text = logits.argmax(-1)[:, 0]  # [B, 1]
+            t2 = time.perf_counter()
+            with model.depformer.streaming(1):
+                prev = text[:, :, None] if text.dim() == 2 else text
+                prev = text.view(1, 1, 1)
+                for cb in range(dep_q):
+                    out = model.forward_depformer(cb, prev, h)
+                    prev = out.argmax(-1).view(1, 1, 1)
+            t3 = time.perf_counter()
+            if i >= 3:
+                temporal, depformer = temporal + t2 - t1, depformer + t3 - t2
+    return {"temporal_ms": temporal / steps * 1e3, "depformer_ms": depformer / steps * 1e3,
+            "peak_rss_mb": _peak_rss_mb(), "load_s": load_s}
 
 
 if __name__ == "__main__":
