@@ -4,7 +4,8 @@ from ._blas import preload_blas as _preload_blas
 
 _preload_blas()
 
-__all__ = ["MimiConfig", "MimiModel"]
+__all__ = ["MimiConfig", "MimiModel", "LmConfig", "LMModel", "LMGen", "MoshiForConditionalGeneration",
+           "MoshiForCausalLM", "TextTokenizer"]
 __version__ = "0.1.0"
 
 # Public classes are imported on first use, so `import moshi_mlx` (e.g. by a benchmark
@@ -12,6 +13,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "MimiConfig": "moshi_mlx.models.mimi",
     "MimiModel": "moshi_mlx.models.mimi",
+    "LmConfig": "moshi_mlx.models.lm",
+    "LMModel": "moshi_mlx.models.lm",
+    "LMGen": "moshi_mlx.generate",
+    "MoshiForConditionalGeneration": "moshi_mlx.models.moshi",
+    "MoshiForCausalLM": "moshi_mlx.models.moshi",
+    "TextTokenizer": "moshi_mlx.tokenizer",
 }
 
 

@@ -3,7 +3,11 @@
 What is quantized: every Linear and Embedding whose input size is a multiple of the group
 size (for Moshi: all attention, feed-forward, projection and output matrices and the
 embedding tables: MLX's default predicate, as in Kyutai's published MLX files). Norms stay
-in full precision. Defaults: 4-bit with groups of 32, 8-bit with groups of 64.
+in full precision. Defaults: 4-bit with groups of 32, 8-bit with groups of 64. 4-bit scales
+and biases are stored in bfloat16 (as in Kyutai's MLX files): a 7B q4 model is then 4.4 GB
+instead of 5.3 GB, MLX's CPU kernel is as fast with them, and bf16's 0.4% rounding is
+negligible next to a 4-bit step (1/15). 8-bit steps are 1/255 ≈ 0.4%, the same size, so
+8-bit scales keep the compute dtype (bf16 scales measurably doubled q8's logit error).
 
 Compute dtype: on Metal, bfloat16 as usual; on the CPU backend float32, because MLX's CPU
 kernels for bf16 matmuls and for quantized matmuls with bf16 activations are ~10x slower
@@ -23,6 +27,10 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
+
+
+def scales_dtype(bits: int) -> mx.Dtype:
+    return mx.bfloat16 if bits <= 4 else compute_dtype()
 
 
 def compute_dtype() -> mx.Dtype:
@@ -102,8 +110,12 @@ def quantize_model(model: nn.Module, spec: QuantizationSpec) -> nn.Module:
         if not _quantizable(m, spec):
             return m
         if isinstance(m, nn.Embedding):
-            return nn.QuantizedEmbedding.from_embedding(m, spec.group_size, spec.bits)
-        return QuantizedLinear.from_linear(m, spec.group_size, spec.bits)
+            q = nn.QuantizedEmbedding.from_embedding(m, spec.group_size, spec.bits)
+        else:
+            q = QuantizedLinear.from_linear(m, spec.group_size, spec.bits)
+        dtype = scales_dtype(spec.bits)
+        q.scales, q.biases = q.scales.astype(dtype), q.biases.astype(dtype)
+        return q
 
     leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)
     model.update_modules(leaves)
@@ -111,12 +123,18 @@ def quantize_model(model: nn.Module, spec: QuantizationSpec) -> nn.Module:
 
 
 def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast float parameters (norms, unquantized weights, quantization scales) to `dtype`."""
+    """Cast float parameters (norms, unquantized weights) to `dtype`; quantization scales
+    and biases keep their dtype (see scales_dtype)."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    params = [(k, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v)
-              for k, v in tree_flatten(model.parameters())]
-    model.update(tree_unflatten(params))
+    def cast(k: str, v: mx.array) -> mx.array:
+        if not mx.issubdtype(v.dtype, mx.floating) or v.dtype == dtype:
+            return v
+        if k.endswith((".scales", ".biases")):
+            return v
+        return v.astype(dtype)
+
+    model.update(tree_unflatten([(k, cast(k, v)) for k, v in tree_flatten(model.parameters())]))
 
 
 def eval_by_layer(model: nn.Module) -> None:
@@ -125,3 +143,4 @@ def eval_by_layer(model: nn.Module) -> None:
     for _, m in model.named_modules():
         if not m.children() or isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.Linear, nn.Embedding)):
             mx.eval(m.parameters())
+            mx.clear_cache()  # hand back the full-precision temporaries right away

@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from ..errors import InputError
 from ..modules.transformer import Transformer, TransformerConfig, make_norm
+from ..quantize import compute_dtype
 
 ZERO_TOKEN = -1  # input token that contributes a zero embedding
 UNGENERATED_TOKEN = -2  # placeholder in LMGen's delay buffer
@@ -143,8 +144,9 @@ class LmConfig:
 
 
 def embed(table: nn.Module, tokens: mx.array) -> mx.array:
-    """Embedding lookup where −1 gives zeros (Kyutai's ScaledEmbedding zero_idx)."""
-    y = table(mx.maximum(tokens, 0))
+    """Embedding lookup where −1 gives zeros (Kyutai's ScaledEmbedding zero_idx), in the
+    compute dtype (a quantized table dequantizes to its scales' dtype)."""
+    y = table(mx.maximum(tokens, 0)).astype(compute_dtype())
     return y * (tokens >= 0)[..., None].astype(y.dtype)
 
 
