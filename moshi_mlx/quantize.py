@@ -30,7 +30,14 @@ DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 
 
 def scales_dtype(bits: int) -> mx.Dtype:
+    """Runtime dtype of quantization scales and biases."""
     return mx.bfloat16 if bits <= 4 else compute_dtype()
+
+
+def file_scales_dtype(bits: int) -> mx.Dtype:
+    """Stored dtype (converted checkpoints): the same choice, with float32 for 8-bit so a
+    file's quality does not depend on the machine that converted it."""
+    return mx.bfloat16 if bits <= 4 else mx.float32
 
 
 def compute_dtype() -> mx.Dtype:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 import mlx.core as mx
@@ -353,6 +354,10 @@ def lm_layout(keys: set[str]) -> str:
     if "text_emb.weight" in keys and any(k.startswith("transformer.layers.") for k in keys):
         if any(k.startswith("depformer.slices.") or k.startswith("audio_embs.") for k in keys):
             return "kyutai-mlx"
+        if any(k.endswith(".self_attn.in_proj.weight") or ".self_attn.in_projs." in k for k in keys) and \
+                not any(k.endswith("in_proj_weight") for k in keys) and \
+                not any(re.search(r"\.in_projs\.\d+\.weight$", k) and k.startswith("transformer.") for k in keys):
+            return "moshi_mlx"
         return "kyutai"
     sample = ", ".join(sorted(keys)[:5])
     raise CheckpointError("unknown Moshi LM checkpoint layout: expected Kyutai's release keys (text_emb.weight, "
@@ -417,7 +422,9 @@ def lm_source(path_or_repo_id: str | Path, revision: str | None = None) -> tuple
         raise CheckpointError(f"{p}: no such file or directory")
     files = list_files(path_or_repo_id, revision)
     config = _read_json(resolve_file(path_or_repo_id, "config.json", revision)) if "config.json" in files else {}
-    name = config.get("moshi_name") or LM_KYUTAI_NAME
+    name = config.get("moshi_name")
+    if name is None:  # Kyutai's PyTorch releases: bf16 or bitsandbytes 8-bit
+        name = next((n for n in (LM_KYUTAI_NAME, "model.q8.safetensors") if n in files), LM_KYUTAI_NAME)
     if name not in files and f"{Path(name).stem}.safetensors.index.json" not in files:
         raise CheckpointError(f"{path_or_repo_id}: no LM weights {name!r} (files: {_few(files)})")
     index = f"{Path(name).stem}.safetensors.index.json"
@@ -443,7 +450,7 @@ def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.
     """An LMModel from any supported LM checkpoint, optionally quantized on the way (layer
     by layer: the full-precision model is never all in memory)."""
     from .models.lm import LMModel, LmConfig
-    from .quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model
+    from .quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model, scales_dtype
 
     paths, config, home = lm_source(path_or_repo_id, revision)
     state = read_safetensors(paths)
@@ -453,17 +460,28 @@ def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.
         if layout == "transformers":
             config_kw = lm_config_from_transformers(config, text_only="model.embed_tokens.weight" in state)
         else:
-            config_kw = config
+            config_kw = {k: v for k, v in config.items() if k not in ("quantization", "moshi_mlx_format", "dtype")}
         cfg = LmConfig.from_dict(config_kw)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path_or_repo_id}: bad LM config: {e}") from None
-    if layout == "kyutai":
-        weights = lm_weights_from_kyutai(state, cfg)
+    model = LMModel(cfg)
+    if layout == "moshi_mlx":
+        q = config.get("quantization")
+        if q:
+            if quantize and (quantize, group_size or q["group_size"]) != (q["bits"], q["group_size"]):
+                raise CheckpointError(f"{source} is already quantized to {q['bits']} bits; "
+                                      "convert the original to change the quantization")
+            quantize_model(model, QuantizationSpec.make(q["bits"], q["group_size"]))
+            quantize = None
+        weights = dict(state)
+        weights = {k: (v.astype(scales_dtype(q["bits"])) if q and k.endswith((".scales", ".biases")) else v)
+                   for k, v in weights.items()}
+    elif layout == "kyutai":
+        weights = lm_weights_from_kyutai(dequantize_bnb_int8(state), cfg)
     elif layout == "transformers":
         weights = lm_weights_from_transformers(state, cfg)
     else:
         raise CheckpointError(f"{source}: {layout} LM layout is not supported yet")
-    model = LMModel(cfg)
     assign(model, weights, source, evaluate=False)
     if quantize:
         quantize_model(model, QuantizationSpec.make(quantize, group_size))
@@ -586,3 +604,195 @@ def mimi_from_state(state: dict[str, mx.array], prefix: str, hf_config: dict | N
     _fix_seanet_conv_layouts(model, weights)
     assign(model, weights, prefix.rstrip("."))
     return model
+
+
+# ----------------------------------------------------------------------------------------
+# Conversion (moshi-mlx convert): lazy tensors in moshi_mlx naming, written one by one.
+#
+# Our own layout ("moshi_mlx", written by convert): moshi_mlx's parameter names as they are
+# (`transformer.layers.N.self_attn.in_proj.weight`, `depformer.layers.L.self_attn.in_projs.I.
+# weight`, …), quantized layers as `.weight` (uint32) / `.scales` / `.biases`; config.json has
+# the LM kwargs, `quantization` and `moshi_mlx_format`.
+
+MOSHI_MLX_FORMAT = "moshi_mlx/1"
+TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
+
+
+def dequantize_bnb_int8(state: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Kyutai's 8-bit releases (bitsandbytes LLM.int8 vector-wise): `X.weight` int8 with its
+    per-row absmax `X.weight_scb`; W = weight · scb / 127 (bitsandbytes' dequantization)."""
+    out: dict[str, mx.array] = {}
+    for k, v in state.items():
+        if k.endswith(".weight_scb"):
+            continue
+        scb = state.get(k + "_scb")
+        if scb is not None:
+            v = v.astype(mx.float32) * (scb.astype(mx.float32)[:, None] / 127.0)
+        out[k] = v
+    return out
+
+
+def lora_deltas(adapter: dict[str, mx.array], scaling: float) -> dict[str, mx.array]:
+    """Kyutai LoRA adapters (`P.lora_A.weight` [rank, in], `P.lora_B.weight` [out, rank]) →
+    weight deltas `P.weight` = scaling · B @ A, in the adapter's (Kyutai) naming."""
+    deltas = {}
+    for k, a in adapter.items():
+        if not k.endswith(".lora_A.weight"):
+            continue
+        prefix = k[: -len(".lora_A.weight")]
+        b = adapter.get(prefix + ".lora_B.weight")
+        if b is None:
+            raise CheckpointError(f"LoRA adapter: {k} has no matching {prefix}.lora_B.weight")
+        deltas[prefix + ".weight"] = scaling * (b.astype(mx.float32) @ a.astype(mx.float32))
+    if not deltas:
+        raise CheckpointError("LoRA adapter: no lora_A/lora_B weights found")
+    return deltas
+
+
+@dataclass
+class ConversionPlan:
+    tensors: dict[str, mx.array]  # lazy, moshi_mlx names, final dtypes (quantized if requested)
+    config: dict  # LM kwargs for config.json
+    layout: str
+    companions: dict[str, Path]  # config key → file to copy (mimi_name, tokenizer_name)
+
+
+def _lm_state(path_or_repo_id, revision) -> tuple[dict[str, mx.array], dict, str | Path, str, list[Path]]:
+    paths, config, home = lm_source(path_or_repo_id, revision)
+    state = read_safetensors(paths)  # lazy: data is read when a tensor is evaluated
+    return state, config, home, lm_layout(set(state)), paths
+
+
+def lm_conversion_plan(source, revision=None, spec=None, dtype: mx.Dtype = mx.bfloat16, lora=None,
+                       lora_scaling: float | None = None) -> ConversionPlan:
+    from mlx.utils import tree_flatten
+
+    from .models.lm import LMModel, LmConfig
+    from .quantize import file_scales_dtype, quantize_model
+
+    state, raw, home, layout, paths = _lm_state(source, revision)
+    if layout == "moshi_mlx":
+        raise CheckpointError(f"{source} is already a moshi_mlx checkpoint; convert from the original instead")
+    if layout == "kyutai-mlx":
+        raise CheckpointError(f"{source}: Kyutai's MLX files load directly with from_pretrained; nothing to convert")
+    if any(k.endswith(".weight_scb") for k in state):
+        state = dequantize_bnb_int8(state)
+        layout += "-int8"
+    if layout.startswith("transformers"):
+        kw = lm_config_from_transformers(raw, text_only="model.embed_tokens.weight" in state)
+    else:
+        kw = {k: v for k, v in raw.items() if k not in ("moshi_name", "mimi_name", "tokenizer_name")}
+    try:
+        cfg = LmConfig.from_dict(kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: bad LM config: {e}") from None
+    if layout.startswith("transformers"):
+        weights = lm_weights_from_transformers(state, cfg)
+    else:
+        weights = lm_weights_from_kyutai(state, cfg)
+    if lora is not None:
+        adapter_path = Path(lora).expanduser()
+        adapter = read_safetensors([adapter_path])
+        if lora_scaling is None:
+            cfg_path = adapter_path.parent / "config.json"
+            lora_scaling = float(_read_json(cfg_path).get("lora_scaling", 2.0)) if cfg_path.exists() else 2.0
+        for name, delta in lm_weights_from_kyutai(lora_deltas(adapter, lora_scaling), cfg).items():
+            if name not in weights:
+                raise CheckpointError(f"LoRA adapter {adapter_path}: {name} has no base weight")
+            if tuple(weights[name].shape) != tuple(delta.shape):
+                raise CheckpointError(f"LoRA adapter {adapter_path}: {name}: delta shape {list(delta.shape)} "
+                                      f"!= base shape {list(weights[name].shape)}")
+            weights[name] = weights[name].astype(mx.float32) + delta
+    # Validate names and shapes against the model, strictly, without materializing anything.
+    model = LMModel(cfg)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    _check_names_and_shapes(expected, weights, str(paths[0]))
+    quantized: set[str] = set()
+    if spec is not None:
+        quantize_model(model, spec)
+        quantized = {k[: -len(".scales")] for k, _ in tree_flatten(model.parameters()) if k.endswith(".scales")}
+    tensors: dict[str, mx.array] = {}
+    for name, w in weights.items():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized and name.endswith(".weight"):
+            q, s, b = mx.quantize(w.astype(mx.float32), spec.group_size, spec.bits)
+            sd = file_scales_dtype(spec.bits)
+            tensors[name], tensors[module + ".scales"], tensors[module + ".biases"] = q, s.astype(sd), b.astype(sd)
+        else:
+            tensors[name] = w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
+    companions = {}
+    mimi_name = raw.get("mimi_name")
+    try:
+        files = list_files(home, revision)
+    except CheckpointError:
+        files = []
+    if mimi_name is None:
+        mimi_name = MIMI_KYUTAI_NAME if MIMI_KYUTAI_NAME in files else None
+    if mimi_name:
+        companions["mimi_name"] = resolve_file(home, mimi_name, revision)
+    tok_name = raw.get("tokenizer_name") or (TOKENIZER_NAME if TOKENIZER_NAME in files else None)
+    if tok_name:
+        companions["tokenizer_name"] = resolve_file(home, tok_name, revision)
+    config = cfg.to_dict()
+    for k in ("moshi_name", "mimi_name", "tokenizer_name"):
+        config.pop(k, None)
+    return ConversionPlan(tensors, config, layout, companions)
+
+
+def _check_names_and_shapes(expected: dict[str, tuple], weights: dict[str, mx.array], source: str) -> None:
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if extra:
+        problems.append(f"unexpected keys: {_few(extra)}")
+    for k in sorted(set(expected) & set(weights)):
+        if expected[k] != tuple(weights[k].shape):
+            problems.append(f"{k}: checkpoint shape {list(weights[k].shape)} != model shape {list(expected[k])}")
+    if problems:
+        raise CheckpointError(f"{source}: does not match the model config: " + "; ".join(problems[:12]))
+
+
+_ST_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32",
+              mx.int64: "I64", mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.bool_: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None,
+                      progress: bool = True, what: str = "weights") -> None:
+    """Write lazy arrays to a safetensors file one tensor at a time (bounded memory).
+
+    The header is computed from shapes and dtypes alone; each tensor is then evaluated,
+    written and released. `tensors` is consumed (emptied) as it is written.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    names = sorted(tensors)
+    header: dict = {"__metadata__": metadata or {}}
+    offset = 0
+    for name in names:
+        arr = tensors[name]
+        if arr.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"cannot write {name}: dtype {arr.dtype}")
+        size = arr.nbytes
+        header[name] = {"dtype": _ST_DTYPES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f, tqdm(total=offset, unit="B", unit_scale=True, desc=what, disable=not progress,
+                                     file=sys.stderr, dynamic_ncols=True) as bar:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            arr = tensors.pop(name)
+            if arr.dtype in (mx.bfloat16, mx.float16):
+                arr = arr.view(mx.uint16)
+            elif arr.dtype == mx.bool_:
+                arr = arr.astype(mx.uint8)
+            mx.eval(arr)
+            data = np.ascontiguousarray(np.array(arr, copy=False))
+            f.write(data.tobytes())
+            bar.update(data.nbytes)
+            del arr, data
+            mx.clear_cache()
