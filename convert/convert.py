@@ -82,6 +82,9 @@ def convert(source: str | Path, output: str | Path, quantize: bool = False, q_bi
         W.write_safetensors(tmp / weights_name, plan.tensors, metadata={"format": FORMAT},
                             progress=progress, what="LM weights")
         files = {"moshi_name": weights_name}
+        if plan.mimi_tensors:  # transformers checkpoints embed Mimi: write it beside the LM
+            W.write_safetensors(tmp / "mimi.safetensors", plan.mimi_tensors, progress=progress, what="Mimi weights")
+            files["mimi_name"] = "mimi.safetensors"
         for role, path in plan.companions.items():  # Mimi weights, tokenizer: copied as they are
             shutil.copyfile(path, tmp / path.name)
             files[role] = path.name
@@ -92,6 +95,9 @@ def convert(source: str | Path, output: str | Path, quantize: bool = False, q_bi
         if output.exists():  # --force: replace only once the new one is complete
             shutil.rmtree(output)
         os.replace(tmp, output)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"writing {output} failed ({e.strerror or e}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

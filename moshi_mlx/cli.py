@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "encode": "moshi_mlx.apps.codec",
     "decode": "moshi_mlx.apps.codec",
     "bench": "moshi_mlx.apps.bench",
+    "convert": "moshi_mlx.convert.convert",
 }
 
 

@@ -302,7 +302,7 @@ def _mimi_source(path_or_repo_id: str | Path, revision: str | None) -> tuple[lis
                 names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             return [resolve_file(path_or_repo_id, n, revision) for n in names], config
         if config.get("mimi_name"):  # Kyutai STT/TTS repos and our converted directories
-            return [resolve_file(path_or_repo_id, config["mimi_name"], revision)], None
+            return [resolve_file(path_or_repo_id, config["mimi_name"], revision)], config.get("mimi_config")
     if MIMI_KYUTAI_NAME in files:
         return [resolve_file(path_or_repo_id, MIMI_KYUTAI_NAME, revision)], None
     candidates = [f for f in files if f.startswith("tokenizer-") and f.endswith(".safetensors")]
@@ -623,7 +623,7 @@ def dequantize_bnb_int8(state: dict[str, mx.array]) -> dict[str, mx.array]:
     per-row absmax `X.weight_scb`; W = weight · scb / 127 (bitsandbytes' dequantization)."""
     out: dict[str, mx.array] = {}
     for k, v in state.items():
-        if k.endswith(".weight_scb"):
+        if k.endswith("_scb") and k[: -len("_scb")] in state:
             continue
         scb = state.get(k + "_scb")
         if scb is not None:
@@ -655,6 +655,7 @@ class ConversionPlan:
     config: dict  # LM kwargs for config.json
     layout: str
     companions: dict[str, Path]  # config key → file to copy (mimi_name, tokenizer_name)
+    mimi_tensors: dict[str, mx.array]  # a Mimi embedded in the source (transformers), to write out
 
 
 def _lm_state(path_or_repo_id, revision) -> tuple[dict[str, mx.array], dict, str | Path, str, list[Path]]:
@@ -675,7 +676,7 @@ def lm_conversion_plan(source, revision=None, spec=None, dtype: mx.Dtype = mx.bf
         raise CheckpointError(f"{source} is already a moshi_mlx checkpoint; convert from the original instead")
     if layout == "kyutai-mlx":
         raise CheckpointError(f"{source}: Kyutai's MLX files load directly with from_pretrained; nothing to convert")
-    if any(k.endswith(".weight_scb") for k in state):
+    if any(k.endswith("weight_scb") for k in state):
         state = dequantize_bnb_int8(state)
         layout += "-int8"
     if layout.startswith("transformers"):
@@ -736,7 +737,10 @@ def lm_conversion_plan(source, revision=None, spec=None, dtype: mx.Dtype = mx.bf
     config = cfg.to_dict()
     for k in ("moshi_name", "mimi_name", "tokenizer_name"):
         config.pop(k, None)
-    return ConversionPlan(tensors, config, layout, companions)
+    mimi_tensors = {k[len("audio_encoder."):]: v for k, v in state.items() if k.startswith("audio_encoder.")}
+    if mimi_tensors:
+        config["mimi_config"] = raw.get("audio_encoder_config") or {}
+    return ConversionPlan(tensors, config, layout, companions, mimi_tensors)
 
 
 def _check_names_and_shapes(expected: dict[str, tuple], weights: dict[str, mx.array], source: str) -> None:
