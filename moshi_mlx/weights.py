@@ -424,7 +424,8 @@ def lm_source(path_or_repo_id: str | Path, revision: str | None = None) -> tuple
     config = _read_json(resolve_file(path_or_repo_id, "config.json", revision)) if "config.json" in files else {}
     name = config.get("moshi_name")
     if name is None:  # Kyutai's PyTorch releases: bf16 or bitsandbytes 8-bit
-        name = next((n for n in (LM_KYUTAI_NAME, "model.q8.safetensors") if n in files), LM_KYUTAI_NAME)
+        names = (LM_KYUTAI_NAME, "model.q8.safetensors", "model.q4.safetensors")
+        name = next((n for n in names if n in files), LM_KYUTAI_NAME)
     if name not in files and f"{Path(name).stem}.safetensors.index.json" not in files:
         raise CheckpointError(f"{path_or_repo_id}: no LM weights {name!r} (files: {_few(files)})")
     index = f"{Path(name).stem}.safetensors.index.json"
@@ -476,6 +477,20 @@ def load_lm(path_or_repo_id: str | Path, revision: str | None = None, dtype: mx.
         weights = dict(state)
         weights = {k: (v.astype(scales_dtype(q["bits"])) if q and k.endswith((".scales", ".biases")) else v)
                    for k, v in weights.items()}
+    elif layout == "kyutai-mlx":
+        q = kyutai_mlx_quantization(paths[0])
+        if any(k.endswith(".scales") for k in state) != (q is not None):
+            raise CheckpointError(f"{source}: Kyutai MLX file whose name does not say its quantization "
+                                  "(expected .q4. or .q8. for quantized weights)")
+        if q:
+            if quantize and (quantize, group_size or q[1]) != q:
+                raise CheckpointError(f"{source} is already quantized to {q[0]} bits")
+            quantize_model(model, QuantizationSpec.make(*q))
+            quantize = None
+        weights = lm_weights_from_kyutai_mlx(state, cfg)
+        if q:
+            weights = {k: (v.astype(scales_dtype(q[0])) if k.endswith((".scales", ".biases")) else v)
+                       for k, v in weights.items()}
     elif layout == "kyutai":
         weights = lm_weights_from_kyutai(dequantize_bnb_int8(state), cfg)
     elif layout == "transformers":
@@ -522,6 +537,60 @@ def lm_config_from_transformers(hf: dict, text_only: bool = False) -> dict:
             "depformer_num_layers": dep["num_hidden_layers"], "depformer_dim_feedforward": dep["ffn_dim"] * 3 // 4,
             "depformer_multi_linear": True, "depformer_weights_per_step": True, "depformer_pos_emb": "none",
             "depformer_context": K, "depformer_gating": "silu"}
+
+
+# - "kyutai-mlx": Kyutai's own MLX files (kyutai/moshiko-mlx-q4 …, written by their moshi_mlx):
+#   `text_emb`, `audio_embs.K`, `transformer.layers.N.self_attn.in_proj.weight`, `norm1.weight`,
+#   `out_norm.weight`, and the depformer as `depformer.slices.I.{emb, linear_in, linear_out,
+#   transformer.layers.L.*}` (one transformer per step; their norms are copies of the shared
+#   ones of Kyutai's PyTorch model, so slice 0's are used). Quantized with MLX's default
+#   predicate (Linear and Embedding): 4 bits / group 32 in `.q4.` files, 8 / 64 in `.q8.`.
+
+
+def kyutai_mlx_quantization(path: Path) -> tuple[int, int] | None:
+    name = Path(path).name
+    if ".q4." in name:
+        return 4, 32
+    if ".q8." in name:
+        return 8, 64
+    return None
+
+
+def lm_weights_from_kyutai_mlx(state: dict[str, mx.array], config) -> dict[str, mx.array]:
+    dep_sets = config.depformer().num_weight_sets if config.depformer_weights_per_step else 0
+    out: dict[str, mx.array] = {}
+    for k, v in state.items():
+        if m := re.fullmatch(r"audio_embs\.(\d+)\.(.+)", k):
+            out[f"emb.{m[1]}.{m[2]}"] = v
+        elif m := re.fullmatch(r"(transformer\.layers\.\d+\.norm[12]|out_norm)\.weight", k):
+            out[f"{m[1]}.alpha"] = v
+        elif m := re.fullmatch(r"depformer\.slices\.(\d+)\.(emb|linear_in|linear_out)\.(.+)", k):
+            i, part, rest = int(m[1]), m[2], m[3]
+            if part == "emb":
+                out[(f"depformer_text_emb.{rest}" if i == 0 else f"depformer_emb.{i - 1}.{rest}")] = v
+            else:
+                out[f"{'depformer_in' if part == 'linear_in' else 'linears'}.{i}.{rest}"] = v
+        elif m := re.fullmatch(r"depformer\.slices\.(\d+)\.transformer\.layers\.(\d+)\.(.+)", k):
+            i, layer, rest = int(m[1]), m[2], m[3]
+            prefix = f"depformer.layers.{layer}"
+            if a := re.fullmatch(r"norm([12])\.weight", rest):
+                if i == 0:
+                    out[f"{prefix}.norm{a[1]}.alpha"] = v
+            elif a := re.fullmatch(r"self_attn\.(in_proj|out_proj)\.(.+)", rest):
+                if dep_sets:
+                    out[f"{prefix}.self_attn.{a[1]}s.{config.depformer().weight_set(i)}.{a[2]}"] = v
+                elif i == 0:
+                    out[f"{prefix}.self_attn.{a[1]}.{a[2]}"] = v
+            elif a := re.fullmatch(r"gating\.(.+)", rest):
+                if dep_sets:
+                    out[f"{prefix}.gating.{config.depformer().weight_set(i)}.{a[1]}"] = v
+                elif i == 0:
+                    out[f"{prefix}.gating.{a[1]}"] = v
+            else:
+                out[f"{prefix}.{rest}"] = v
+        else:
+            out[k] = v
+    return out
 
 
 def lm_weights_from_transformers(state: dict[str, mx.array], config) -> dict[str, mx.array]:

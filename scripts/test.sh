@@ -33,4 +33,12 @@ pip install -q -e ".[test]"
 # Kyutai's reference pins torch<2.10 and older numpy/safetensors; it runs fine with ours.
 python -c "import moshi" 2>/dev/null || pip install -q --no-deps "moshi==0.2.13"
 
+# Kyutai's own MLX package, in its own virtualenv (its import name is moshi_mlx too): the tests
+# load checkpoint files it writes.
+if [ ! -x .venv-kyutai-mlx/bin/python ]; then
+    "$PYTHON" -m venv .venv-kyutai-mlx
+    .venv-kyutai-mlx/bin/pip install -q "mlx[cpu]" numpy safetensors sentencepiece huggingface_hub
+    .venv-kyutai-mlx/bin/pip install -q --no-deps "moshi-mlx==0.3.0"
+fi
+
 python -m pytest "$@"
