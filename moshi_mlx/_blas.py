@@ -9,6 +9,11 @@ floating-point operations, just faster; tests check codes and audio stay equal.
 
 Opt out with MOSHI_MLX_BLAS=0, or point MOSHI_MLX_BLAS at a specific shared library.
 macOS needs none of this: MLX uses Accelerate (CPU) and Metal there.
+
+When the small compiled shim (_blas_shim.c, built by pip on Linux) is available, it is loaded
+globally instead and forwards MLX's cblas_sgemm to that BLAS, except matrix-vector products,
+which go to cblas_sgemv (~2x the memory bandwidth: token-by-token decoding is bound by it).
+MOSHI_MLX_BLAS_SHIM=0 turns the shim off.
 """
 from __future__ import annotations
 
@@ -52,11 +57,19 @@ def preload_blas() -> BlasStatus:
         STATUS = BlasStatus(None, "mlx.core was imported before moshi_mlx: optimized BLAS not loaded "
                                   "(import moshi_mlx first, or LD_PRELOAD libopenblas.so.0)")
     else:
-        candidates = _CANDIDATES if setting.lower() in ("1", "on", "yes", "true") else (setting,)
-        found = ctypes.util.find_library("openblas")
-        if found and found not in candidates:
-            candidates = (found,) + candidates
+        if setting.lower() in ("1", "on", "yes", "true"):
+            candidates = _CANDIDATES
+            found = ctypes.util.find_library("openblas")
+            if found and found not in candidates:
+                candidates = (found,) + candidates
+        else:  # an explicit library path
+            candidates = (setting,)
         for name in candidates:
+            # The shim must be the first global definition of cblas_sgemm, so it goes first and
+            # opens the BLAS privately; without it, the BLAS itself is loaded globally.
+            if _load_shim(name):
+                STATUS = BlasStatus(name, f"optimized BLAS loaded: {name} (matrix-vector products via gemv)")
+                break
             try:
                 ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
             except OSError:
@@ -67,3 +80,30 @@ def preload_blas() -> BlasStatus:
             STATUS = BlasStatus(None, "no optimized BLAS found (install Debian/Ubuntu's libopenblas0 "
                                       "for ~10-30x faster CPU inference); using mlx-cpu's reference BLAS")
     return STATUS
+
+
+def _load_shim(name: str) -> bool:
+    """Load the gemv shim globally, forwarding to the BLAS `name` (see the module docstring)."""
+    if os.environ.get("MOSHI_MLX_BLAS_SHIM", "1").lower() in ("0", "off", "no", "false"):
+        return False
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("moshi_mlx._blas_shim")
+        if spec is None or not spec.origin:
+            return False
+        shim = ctypes.CDLL(spec.origin, mode=os.RTLD_GLOBAL)
+        return shim.moshi_blas_shim_init(name.encode()) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def gemv_calls() -> int:
+    """Matrix-vector products the shim has sent to gemv so far (0 without the shim)."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("moshi_mlx._blas_shim")
+        return int(ctypes.CDLL(spec.origin).moshi_blas_shim_gemv_calls()) if spec and spec.origin else 0
+    except (OSError, AttributeError):
+        return 0
