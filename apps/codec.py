@@ -7,7 +7,6 @@ file and renamed when complete: a failure never leaves a half-written file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -89,7 +89,7 @@ class LMGen:
             self.reset(np.shape(user_codes)[0])
         codes = self._check_user_codes(user_codes)
         lm, cfg = self.lm, self.lm.config
-        B, CT, dep_q = self.batch_size, self.cache.shape[2], cfg.dep_q
+        CT, dep_q = self.cache.shape[2], cfg.dep_q
         user_streams = np.arange(dep_q + 1, cfg.num_codebooks)
         write = (self.offset + self.delays[dep_q + 1:]) % CT
         self.cache[:, user_streams, write] = codes

@@ -19,6 +19,7 @@ import re
 import struct
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +27,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import CheckpointError
 from .hub import is_local, list_files, resolve_file
+
+if TYPE_CHECKING:
+    from .models.lm import LMModel
 
 MIMI_KYUTAI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 
@@ -91,19 +95,7 @@ def assign(model: nn.Module, weights: dict[str, mx.array], source: str, dtype: m
     """Load `weights` (already in moshi_mlx naming and layout) into `model`, strictly.
 
     evaluate=False leaves the parameters lazy (to quantize before anything is materialized)."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_few(missing)}")
-    if extra:
-        problems.append(f"unexpected keys: {_few(extra)}")
-    for k in sorted(set(expected) & set(weights)):
-        if tuple(expected[k].shape) != tuple(weights[k].shape):
-            problems.append(f"{k}: checkpoint shape {list(weights[k].shape)} != model shape {list(expected[k].shape)}")
-    if problems:
-        raise CheckpointError(f"{source}: does not match the model config: " + "; ".join(problems[:12]))
+    check_names_and_shapes({k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}, weights, source)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     # Layout conversions are lazy strided views; make them contiguous once here, or every
@@ -439,7 +431,7 @@ def lm_source(path_or_repo_id: str | Path, revision: str | None = None) -> tuple
 
 @dataclass
 class LoadedLM:
-    model: "LMModel"  # noqa: F821
+    model: "LMModel"
     raw_config: dict  # the checkpoint's config.json ({} for Moshiko/Moshika releases)
     home: str | Path  # directory or repo holding the sibling files (Mimi, tokenizer)
     layout: str
@@ -776,7 +768,7 @@ def lm_conversion_plan(source, revision=None, spec=None, dtype: mx.Dtype = mx.bf
     # Validate names and shapes against the model, strictly, without materializing anything.
     model = LMModel(cfg)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    _check_names_and_shapes(expected, weights, str(paths[0]))
+    check_names_and_shapes(expected, weights, str(paths[0]))
     quantized: set[str] = set()
     if spec is not None:
         quantize_model(model, spec)
@@ -812,7 +804,7 @@ def lm_conversion_plan(source, revision=None, spec=None, dtype: mx.Dtype = mx.bf
     return ConversionPlan(tensors, config, layout, companions, mimi_tensors)
 
 
-def _check_names_and_shapes(expected: dict[str, tuple], weights: dict[str, mx.array], source: str) -> None:
+def check_names_and_shapes(expected: dict[str, tuple], weights: dict[str, mx.array], source: str) -> None:
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     problems = []

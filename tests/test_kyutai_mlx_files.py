@@ -11,7 +11,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import mlx.core as mx
-import moshi_mlx
 from moshi_mlx.generate import LMGen
 from moshi_mlx.models.moshi import MoshiForConditionalGeneration
 import reference as R

@@ -6,15 +6,13 @@ Moshi's audio codebooks, the rest the user's. A token of −1 contributes nothin
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..config import ConfigMixin
 from ..errors import InputError
 from ..modules.transformer import Transformer, TransformerConfig, make_norm
 from ..quantize import compute_dtype
@@ -24,7 +22,7 @@ UNGENERATED_TOKEN = -2  # placeholder in LMGen's delay buffer
 
 
 @dataclass
-class LmConfig:
+class LmConfig(ConfigMixin):
     """Kyutai's LM kwargs (the fields of their `config.json` files); defaults = Moshi 7B
     (`moshi_7b_202409`), which Moshiko/Moshika releases imply by shipping no config.json."""
 
@@ -90,23 +88,13 @@ class LmConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LmConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
         unsupported = [k for k in ("demux_second_stream", "depformer_low_rank_embeddings", "norm_emb",
                                    "depformer_norm", "text_card_out", "cross_attention")
                        if d.get(k) not in (None, False, d.get("text_card") if k == "text_card_out" else None)]
         if unsupported:
             raise ValueError(f"LM config uses features moshi_mlx does not support yet: {unsupported}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return super().from_dict(d)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "LmConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @property
     def num_codebooks(self) -> int:

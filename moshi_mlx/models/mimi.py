@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..config import ConfigMixin
 from ..errors import InputError
 from ..modules.conv import StreamingConv1d, StreamingConvTranspose1d
 from ..modules.rvq import SplitResidualVectorQuantizer
@@ -26,7 +26,7 @@ from ..modules.transformer import Transformer, TransformerConfig
 
 
 @dataclass
-class MimiConfig:
+class MimiConfig(ConfigMixin):
     """Every field of transformers' MimiConfig, with the same defaults (Kyutai's release)."""
 
     sampling_rate: int = 24_000
@@ -121,15 +121,6 @@ class MimiConfig:
                 kwargs["frame_rate"] = d["_frame_rate"]
         return cls(**kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "MimiConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     # -- building blocks ------------------------------------------------------------
     def seanet(self) -> SEANetConfig:
