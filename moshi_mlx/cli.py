@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "decode": "moshi_mlx.apps.codec",
     "bench": "moshi_mlx.apps.bench",
     "convert": "moshi_mlx.convert.convert",
+    "chat": "moshi_mlx.apps.chat",
 }
 
 
