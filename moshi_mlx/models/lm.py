@@ -13,7 +13,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ConfigMixin
-from ..errors import InputError
 from ..modules.transformer import Transformer, TransformerConfig, make_norm
 from ..quantize import compute_dtype
 
@@ -222,13 +221,3 @@ class LMModel(nn.Module):
         cfg = self.config
         tok = [cfg.text_card] + [cfg.card] * cfg.n_q
         return mx.broadcast_to(mx.array(tok, mx.int32)[None, :, None], (batch, cfg.num_codebooks, 1))
-
-    def check_tokens(self, tokens: mx.array, what: str) -> None:
-        cfg = self.config
-        if tokens.ndim != 3 or tokens.shape[1] != cfg.num_codebooks:
-            raise InputError(f"{what}: expected tokens [batch, {cfg.num_codebooks}, steps], got {list(tokens.shape)}")
-        text, audio = tokens[:, 0], tokens[:, 1:]
-        if mx.any((text < ZERO_TOKEN) | (text > cfg.text_card)).item():
-            raise InputError(f"{what}: text tokens must lie in [-1, {cfg.text_card}]")
-        if mx.any((audio < ZERO_TOKEN) | (audio > cfg.card)).item():
-            raise InputError(f"{what}: audio tokens must lie in [-1, {cfg.card}]")
