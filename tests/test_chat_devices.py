@@ -1,0 +1,102 @@
+"""`moshi-mlx chat` through real audio devices: a PulseAudio server with a null sink, whose
+monitor is the microphone. Speech (espeak-ng) is played into the sink; the chat runs ~9 s with
+a tiny random model; then SIGINT. The test command installs pulseaudio, libasound2-plugins,
+libportaudio2 and espeak-ng; a missing one is a failure, not a skip."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import reference as R
+
+
+@pytest.fixture(scope="module")
+def pulse(tmp_path_factory):
+    for tool in ("pulseaudio", "pactl", "paplay", "parecord", "espeak-ng"):
+        assert shutil.which(tool), f"{tool} missing: run scripts/test.sh (it installs the audio test packages)"
+    runtime = tmp_path_factory.mktemp("pulse-runtime")
+    os.chmod(runtime, 0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "PULSE_RUNTIME_PATH": str(runtime / "pulse")}
+    subprocess.run(["pulseaudio", "-D", "-n", "--exit-idle-time=-1", "--disallow-exit", "--log-target=stderr",
+                    "--load=module-native-protocol-unix", "--load=module-null-sink sink_name=moshi_sink"],
+                   env=env, check=True, capture_output=True)
+    for _ in range(50):
+        if subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    subprocess.run(["pactl", "set-default-sink", "moshi_sink"], env=env, check=True)
+    subprocess.run(["pactl", "set-default-source", "moshi_sink.monitor"], env=env, check=True)
+    yield env
+    subprocess.run(["pulseaudio", "--kill"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, kyutai_mimi):
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("chat-dev-model")
+    kwargs = R.tiny_lm_kwargs()
+    R.save_kyutai_lm(R.random_kyutai_lm(kwargs, seed=41), d, kwargs)
+    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(["hello there how are you today", "the rabbit lived in the forest"] * 30))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tok"), vocab_size=25,
+                                   model_type="unigram", minloglevel=2)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model")
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
+
+
+def test_live_chat_through_pulseaudio(pulse, model_dir, tmp_path):
+    speech = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(speech), "Hello Moshi, how are you today? Tell me about the forest."],
+                   check=True)
+    rec = tmp_path / "session.wav"
+    chat = subprocess.Popen([sys.executable, "-m", "moshi_mlx", "chat", "--model", str(model_dir), "--record",
+                             str(rec), "--temp", "0", "--temp-text", "0"],
+                            env=pulse, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120  # model loading and warm-up first
+        while time.time() < deadline:
+            if chat.poll() is not None:
+                raise AssertionError(f"chat exited early: {chat.stderr.read()}")
+            time.sleep(0.5)
+            out = subprocess.run(["pactl", "list", "short", "source-outputs"], env=pulse, capture_output=True, text=True)
+            if out.stdout.strip():
+                break  # the microphone stream is open
+        subprocess.run(["paplay", str(speech)], env=pulse, check=True, timeout=30)  # the user speaks
+        time.sleep(1.0)
+        # Moshi keeps talking after the user stops: capture the sink to hear it there.
+        heard = tmp_path / "sink.wav"
+        subprocess.run(["timeout", "3", "parecord", "--device=moshi_sink.monitor", "--file-format=wav", str(heard)],
+                       env=pulse)
+        time.sleep(0.5)
+    finally:
+        chat.send_signal(signal.SIGINT)
+        try:
+            _, err = chat.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            chat.kill()
+            raise
+    assert chat.returncode == 0, err
+    assert "session:" in err and "Traceback" not in err, err
+    both, rate = sf.read(rec, dtype="float32")
+    assert rate == 24000 and both.shape[1] == 2 and len(both) > 24000 * 3, both.shape
+    assert rms(both[:, 0]) > 1e-3, "the microphone (sink monitor) captured nothing"
+    assert rms(both[:, 1]) > 1e-4, "Moshi produced silence"
+    sink, _ = sf.read(heard, dtype="float32")
+    assert rms(np.asarray(sink).reshape(-1)) > 1e-4, "Moshi's audio did not reach the sink"
