@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (mimi) printed as tables",
                        description="Speed and memory benchmarks, measured side by side with the "
                                    "reference implementations that are installed.")
-    p.add_argument("target", choices=["mimi", "lm", "convert"], help="what to benchmark")
+    p.add_argument("target", choices=["mimi", "lm", "convert", "chat"], help="what to benchmark")
     p.add_argument("--audio", type=Path, default=None,
                    help="audio file to use (default: 10 s of synthetic speech-like sound)")
     p.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10)")
@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         return run_lm(args)
     if args.target == "convert":
         return run_convert(args)
+    if args.target == "chat":
+        return run_chat(args)
     from moshi_mlx.audio import read_audio
 
     if args.audio is not None:
@@ -257,7 +259,7 @@ def _make_weights(path: str, pcm: np.ndarray, n_q: int) -> dict:
 
 def _worker_main(argv: list[str]) -> None:
     impl, weights, audio, n_q = argv[0], argv[1], argv[2], int(argv[3])
-    if impl.startswith(("lm:", "moshi_mlx-lm:")):
+    if impl.startswith(("lm:", "moshi_mlx-lm:", "moshi_mlx-chat:")):
         return _lm_worker_main(impl, int(n_q))
     pcm = np.load(audio)
     try:
@@ -327,7 +329,9 @@ def format_lm_table(rows: list[dict]) -> str:
 
 def _lm_worker_main(impl: str, steps: int) -> None:
     try:
-        if impl.startswith("lm:torch:"):
+        if impl.startswith("moshi_mlx-chat:"):
+            res = _bench_chat(impl.split(":", 1)[1], steps)
+        elif impl.startswith("lm:torch:"):
             res = _bench_lm_torch(impl.split(":")[3], steps)
         else:
             _, size, bits = impl.split(":")
@@ -512,6 +516,74 @@ def run_convert(args: argparse.Namespace) -> int:
             lines.append(f"bf16 → q{bits} | {wall:.0f} | {gbs:.2f} | {rss:.0f} | {out_gb:.2f}")
     print("\n".join(lines) + f"\nsource: synthetic Moshi 7B release layout, bf16, {size / 1e9:.1f} GB")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench chat: the duplex loop (file mode) frame by frame, with Mimi at full size.
+
+CHAT_ROWS = [("tiny LM", dict(dim=64, num_heads=4, num_layers=2, depformer_dim=32, depformer_num_heads=2,
+                              depformer_num_layers=2, depformer_dim_feedforward=132)),
+             ("small LM (dim 1024)", SMALL_LM)]
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    rows = []
+    for label, _ in CHAT_ROWS:
+        print(f"running {label} …", file=sys.stderr)
+        res = _worker(f"moshi_mlx-chat:{label}", None, Path("-"), args.steps)
+        res["config"] = label
+        rows.append(res)
+    head = ("config", "encode ms", "LM ms", "decode ms", "frame ms", "× real time", "p50 ms", "p99 ms", "peak RSS MB")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['config']} | " + " | ".join(["n/a"] * 8) + f" ({r['error']})")
+            continue
+        lines.append(" | ".join([r["config"], f"{r['enc_ms']:.1f}", f"{r['lm_ms']:.1f}", f"{r['dec_ms']:.1f}",
+                                 f"{r['frame_ms']:.1f}", f"{80.0 / r['frame_ms']:.2f}", f"{r['p50_ms']:.1f}",
+                                 f"{r['p99_ms']:.1f}", f"{r['peak_rss_mb']:.0f}"]))
+    print("\n".join(lines) + "\nfile mode, Mimi at full size (random weights), fp32 LM with the real 7B depformer in "
+          "the small config; one frame = 80 ms of audio; latencies = per-frame compute time")
+    return 0
+
+
+def _bench_chat(label: str, frames: int) -> dict:
+    import time
+
+    import moshi_mlx  # noqa: F401 - BLAS preload
+    import mlx.core as mx
+
+    from moshi_mlx.generate import LMGen
+    from moshi_mlx.models.lm import LmConfig, LMModel
+    from moshi_mlx.models.mimi import MimiModel
+
+    kw = dict(CHAT_ROWS)[label]
+    mimi, lm = MimiModel(), LMModel(LmConfig(**kw))
+    mx.eval(mimi.parameters(), lm.parameters())
+    gen = LMGen(lm, temp=0.8, temp_text=0.7, seed=0)
+    gen.reset(1)
+    rng = np.random.default_rng(0)
+    enc = lmt = dec = 0.0
+    totals = []
+    frames = max(frames, 50)
+    with mimi.streaming():
+        for i in range(frames + 5):
+            pcm = mx.array(rng.standard_normal((1, 1, 1920)).astype(np.float32) * 0.1)
+            t0 = time.perf_counter()
+            codes = mimi.encode_step(pcm, num_quantizers=8)
+            mx.eval(codes)
+            t1 = time.perf_counter()
+            tokens = gen.step(np.array(codes)[:, :, 0])
+            t2 = time.perf_counter()
+            if tokens is not None:
+                mx.eval(mimi.decode_step(mx.array(tokens[:, 1:, None].astype(np.int32))))
+            t3 = time.perf_counter()
+            if i >= 5:
+                enc, lmt, dec = enc + t1 - t0, lmt + t2 - t1, dec + t3 - t2
+                totals.append((t3 - t0) * 1e3)
+    return {"enc_ms": enc / frames * 1e3, "lm_ms": lmt / frames * 1e3, "dec_ms": dec / frames * 1e3,
+            "frame_ms": float(np.mean(totals)), "p50_ms": float(np.percentile(totals, 50)),
+            "p99_ms": float(np.percentile(totals, 99)), "peak_rss_mb": _peak_rss_mb()}
 
 
 if __name__ == "__main__":
