@@ -148,9 +148,8 @@ def run_live(args: argparse.Namespace) -> int:
     to_model = soxr.ResampleStream(in_rate, rate, 1, dtype="float32") if in_rate != rate else None
     to_device = soxr.ResampleStream(rate, out_rate, 1, dtype="float32") if out_rate != rate else None
     raw_in: collections.deque = collections.deque(maxlen=256)  # device blocks, bounded
-    record = [] if args.record is not None else None
-    loop = LiveLoop(session, aec, on_frame=(lambda user, out: record.append((user, out.pcm))) if record is not None
-                    else None)
+    recorder = _Recorder(args.record, rate) if args.record is not None else None
+    loop = LiveLoop(session, aec, on_frame=recorder.write if recorder else None)
     if not args.quiet_text:
         user_hook = loop.on_frame
 
@@ -206,6 +205,9 @@ def run_live(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except sd.PortAudioError as e:
+        if recorder is not None:
+            recorder.discard()
+            recorder = None
         raise MoshiMlxError(f"audio device error: {e} (device busy or unsupported sample rate? "
                             "see --list-devices)") from None
     finally:
@@ -213,13 +215,40 @@ def run_live(args: argparse.Namespace) -> int:
         if worker.is_alive():
             worker.join(2)
     print(file=sys.stderr)
-    if record:
-        from moshi_mlx.audio import write_wav
-
-        user = np.concatenate([u for u, _ in record])
-        moshi = np.concatenate([m for _, m in record])
-        write_wav(args.record, np.stack([user, moshi], axis=1), rate)
+    if recorder is not None:
+        recorder.close()
     seconds = loop.frames * 0.08
     print(f"session: {seconds:.1f} s, {loop.frames} frames, {loop.dropped_in} dropped, {loop.underruns} "
           f"output underruns, {loop.step_ms:.0f} ms per step", file=sys.stderr)
     return 0
+
+
+class _Recorder:
+    """Both sides of a live session as a stereo wav (user, Moshi), written frame by frame
+    (memory stays flat) to a temporary file renamed into place when the session ends."""
+
+    def __init__(self, path: Path, rate: int):
+        import os
+        import tempfile
+
+        import soundfile as sf
+
+        self.path = path
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        self.file = sf.SoundFile(self.tmp, "w", samplerate=rate, channels=2, subtype="PCM_16", format="WAV")
+
+    def write(self, user: np.ndarray, out) -> None:
+        self.file.write(np.clip(np.stack([user, out.pcm], axis=1), -1.0, 1.0))
+
+    def close(self) -> None:
+        import os
+
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        import os
+
+        self.file.close()
+        os.unlink(self.tmp)
