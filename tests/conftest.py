@@ -34,3 +34,27 @@ def kyutai_mimi(speech):
 @pytest.fixture(scope="session")
 def mlx_mimi(kyutai_mimi):
     return moshi_mlx.MimiModel.from_pretrained(kyutai_mimi[1])
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, kyutai_mimi):
+    """A Kyutai-style directory with a tiny random LM, the Mimi release file and a tiny
+    sentencepiece tokenizer, named in config.json: what `moshi-mlx chat --model` takes."""
+    import json
+    import shutil
+
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("chat-model")
+    kwargs = R.tiny_lm_kwargs()
+    R.save_kyutai_lm(R.random_kyutai_lm(kwargs, seed=31), d, kwargs)
+    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(["hello there how are you today", "the rabbit lived in the forest"] * 30))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tok"), vocab_size=25,
+                                   model_type="unigram", minloglevel=2)
+    corpus.unlink()
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model")
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d

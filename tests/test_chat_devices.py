@@ -4,7 +4,6 @@ a tiny random model; then SIGINT. The test command installs pulseaudio, libasoun
 libportaudio2 and espeak-ng; a missing one is a failure, not a skip."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import reference as R
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +38,8 @@ def pulse(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, kyutai_mimi):
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("chat-dev-model")
-    kwargs = R.tiny_lm_kwargs()
-    R.save_kyutai_lm(R.random_kyutai_lm(kwargs, seed=41), d, kwargs)
-    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(["hello there how are you today", "the rabbit lived in the forest"] * 30))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tok"), vocab_size=25,
-                                   model_type="unigram", minloglevel=2)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model")
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
+def model_dir(chat_model_dir):
+    return chat_model_dir
 
 
 def rms(x: np.ndarray) -> float:

@@ -1,7 +1,6 @@
 """`moshi-mlx chat` over a recording: timing, tokens and clean errors (tiny random model)."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -13,26 +12,11 @@ import soundfile as sf
 import mlx.core as mx
 from moshi_mlx.generate import LMGen
 from moshi_mlx.models.moshi import MoshiForConditionalGeneration
-import reference as R
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, kyutai_mimi):
-    import sentencepiece as spm
-
-    d = tmp_path_factory.mktemp("chat-model")
-    kwargs = R.tiny_lm_kwargs()
-    R.save_kyutai_lm(R.random_kyutai_lm(kwargs, seed=31), d, kwargs)
-    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(["hello there how are you today", "the rabbit lived in the forest"] * 30))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tok"), vocab_size=25,
-                                   model_type="unigram", minloglevel=2)
-    corpus.unlink()
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model")
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
+def model_dir(chat_model_dir):
+    return chat_model_dir
 
 
 def chat(*args):

@@ -130,10 +130,10 @@ class LmConfig(ConfigMixin):
             weights_per_step_schedule=self.depformer_weights_per_step_schedule)
 
 
-def embed(table: nn.Module, tokens: mx.array) -> mx.array:
+def embed(table: nn.Module, tokens: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
     """Embedding lookup where −1 gives zeros (Kyutai's ScaledEmbedding zero_idx), in the
     compute dtype (a quantized table dequantizes to its scales' dtype)."""
-    y = table(mx.maximum(tokens, 0)).astype(compute_dtype())
+    y = table(mx.maximum(tokens, 0)).astype(dtype or compute_dtype())
     return y * (tokens >= 0)[..., None].astype(y.dtype)
 
 
@@ -166,9 +166,10 @@ class LMModel(nn.Module):
     # -- temporal transformer ---------------------------------------------------------------
     def _embed_step_tokens(self, tokens: mx.array) -> mx.array:
         """tokens [B, K, T] (K = 1 + n_q) → summed embeddings [B, T, dim]."""
-        x = embed(self.text_emb, tokens[:, 0])
+        dtype = compute_dtype()  # once per step, not per table
+        x = embed(self.text_emb, tokens[:, 0], dtype)
         for k, table in enumerate(self.emb):
-            x = x + embed(table, tokens[:, k + 1])
+            x = x + embed(table, tokens[:, k + 1], dtype)
         return x
 
     def _text_head(self, h: mx.array) -> tuple[mx.array, mx.array]:
