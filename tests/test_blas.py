@@ -11,7 +11,8 @@ CODE = """
 import moshi_mlx, moshi_mlx._blas as b, mlx.core as mx, numpy as np
 rng = np.random.default_rng(0)
 out = {}
-for m, n, k in [(1, 300, 200), (2, 300, 200), (1, 1, 64), (7, 33, 65)]:
+# gemv: 1-4 rows, or up to 8 for small matrices; GEMM: one output column, or more rows
+for m, n, k in [(1, 300, 200), (2, 300, 200), (1, 1, 64), (7, 33, 65), (9, 33, 65), (6, 1100, 1000)]:
     x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
     out[f"{m}x{n}x{k}"] = np.array(mx.array(x) @ mx.array(w).T)
     out[f"{m}x{n}x{k}t"] = np.array(mx.array(x) @ mx.array(w.T.copy()))
@@ -33,11 +34,13 @@ def test_optimized_blas_and_gemv_shim_give_the_same_products(tmp_path):
     blas = run(tmp_path, "openblas", {"MOSHI_MLX_BLAS_SHIM": "0"})
     shim = run(tmp_path, "shim", {})
     assert "optimized BLAS loaded" in str(blas["status"]), blas["status"]
-    assert "gemv" in str(shim["status"]) and int(shim["gemv"]) >= 2, (shim["status"], shim["gemv"])
+    assert "gemv" in str(shim["status"]), shim["status"]
+    assert int(shim["gemv"]) == 2 * (1 + 2 + 7), "products with 1, 2 and 7 rows (small matrix) go to gemv"
     assert int(blas["gemv"]) == 0
     for key in ref.files:
         if key in ("status", "gemv"):
             continue
         x = ref[key].astype(np.float64)
         for other in (blas, shim):
-            np.testing.assert_allclose(other[key], x, rtol=1e-5, atol=1e-5, err_msg=key)
+            # float32 summation order differs between kernels: errors scale with the magnitudes
+            np.testing.assert_allclose(other[key], x, rtol=1e-5, atol=1e-6 * np.abs(x).max(), err_msg=key)
