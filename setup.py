@@ -1,9 +1,10 @@
-"""Only the optional Linux BLAS shim needs compiling; everything else is in pyproject.toml."""
+"""Optional C extensions (everything else is in pyproject.toml): the Linux BLAS shim and the
+CPU quantized-matmul kernel. Both are optional: without a compiler the package still works."""
 import sys
 
 from setuptools import Extension, setup
 
-ext_modules = []
+ext_modules = [Extension("moshi_mlx._cpu_kernels", ["moshi_mlx/_cpu_kernels.c"], optional=True)]
 if sys.platform.startswith("linux"):
     ext_modules.append(Extension("moshi_mlx._blas_shim", ["moshi_mlx/_blas_shim.c"], libraries=["dl"],
                                  optional=True))

@@ -383,10 +383,11 @@ def _bench_lm_mlx(size: str, bits: int, steps: int) -> dict:
     # Then a session that has filled its context: caches full (random keys), as after 4 min.
     state = model.transformer.stream_state
     for cache in state.caches:
-        cache.keys = mx.random.normal(cache.keys.shape).astype(cache.keys.dtype)
-        cache.values = mx.random.normal(cache.values.shape).astype(cache.values.dtype)
-        cache.offset = cache.capacity
-        mx.eval(cache.keys, cache.values)
+        shape = (1, cfg.num_heads, cache.capacity, cfg.dim // cfg.num_heads)
+        cache.reset()
+        cache.update(mx.random.normal(shape).astype(compute_dtype()), mx.random.normal(shape).astype(compute_dtype()))
+        mx.eval([getattr(cache, name) for name in cache._buffers()])
+        mx.clear_cache()
     state.offset = state.caches[0].capacity
     full = 0.0
     for i in range(6):

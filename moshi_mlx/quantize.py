@@ -14,8 +14,11 @@ kernels for bf16 matmuls and for quantized matmuls with bf16 activations are ~10
 than float32 there (measured by `moshi-mlx bench lm`). One switch: `compute_dtype()`, which
 MOSHI_MLX_DTYPE=float32|bfloat16|float16 overrides.
 
-On the CPU backend a quantized matmul runs on one thread; QuantizedLinear here splits its
-output rows across one MLX stream per core, which run in parallel (2x on 2 cores).
+On the CPU backend MLX's quantized matmul is scalar code on one thread (~1.4 G weights/s).
+QuantizedLinear here uses, for the few-row products of token-by-token decoding, a small
+AVX2 kernel (_cpu_kernels.c: same arithmetic, threaded, at memory speed; x86-64 only,
+MOSHI_MLX_CPU_KERNELS=0 turns it off); larger products (prefill) have their output rows
+split across one MLX stream per core, which run in parallel.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_map_with_path
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
@@ -79,12 +83,33 @@ def _cpu_streams() -> list[mx.Stream]:
     return _STREAMS
 
 
+def cpu_kernels():
+    """The compiled CPU kernels if they are built and this CPU runs them, else None."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = False
+        if os.environ.get("MOSHI_MLX_CPU_KERNELS", "1").lower() not in ("0", "off", "no", "false"):
+            try:
+                from . import _cpu_kernels
+            except ImportError:
+                pass
+            else:
+                _KERNELS = _cpu_kernels if _cpu_kernels.available() else False
+    return _KERNELS or None
+
+
+_KERNELS = None
+KERNEL_MAX_ROWS = 8
+
+
 class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear whose matmul is split by output rows across CPU streams."""
+    """nn.QuantizedLinear that runs fast on the CPU backend (see the module docstring)."""
 
     MIN_ROWS_PER_SHARD = 256
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self._use_kernel(x):
+            return self._kernel_matmul(x)
         streams = _cpu_streams() if mx.default_device() == mx.cpu else []
         rows = self.weight.shape[0]
         n = min(len(streams), rows // self.MIN_ROWS_PER_SHARD)
@@ -99,6 +124,28 @@ class QuantizedLinear(nn.QuantizedLinear):
                     x, self.weight[lo:hi], scales=self.scales[lo:hi], biases=self.biases[lo:hi],
                     transpose=True, group_size=self.group_size, bits=self.bits))
         y = mx.concatenate(outs, axis=-1)
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+    def _use_kernel(self, x: mx.array) -> bool:
+        return (x.dtype == mx.float32 and self.bits in (4, 8) and self.group_size % 32 == 0
+                and self.scales.dtype in (mx.bfloat16, mx.float32) and self.biases.dtype == self.scales.dtype
+                and 1 <= x.size // max(1, x.shape[-1]) <= KERNEL_MAX_ROWS
+                and mx.default_device() == mx.cpu and cpu_kernels() is not None)
+
+    def _kernel_matmul(self, x: mx.array) -> mx.array:
+        # The kernel reads MLX buffers in place, so its inputs must be evaluated: this call
+        # is a synchronisation point (cheap next to a weight matrix's worth of memory).
+        N, K = self.weight.shape[0], x.shape[-1]
+        rows = x.size // K
+        x2 = mx.contiguous(x.reshape(rows, K))
+        mx.eval(x2, self.weight, self.scales, self.biases)
+        out = np.empty((rows, N), np.float32)
+        bf16 = self.scales.dtype == mx.bfloat16
+        cpu_kernels().quantized_matmul(x2, self.weight, self.scales, self.biases, out, rows, N, K, self.bits,
+                                       self.group_size, int(bf16), os.cpu_count() or 1)
+        y = mx.array(out).reshape(*x.shape[:-1], N)
         if "bias" in self:
             y = y + self.bias
         return y

@@ -7,6 +7,7 @@ streaming mode a rotating KV cache of `context` entries that never runs out.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -101,6 +102,13 @@ def sin_embedding(positions: np.ndarray, dim: int, max_period: float) -> mx.arra
     return mx.concatenate([mx.cos(phase), mx.sin(phase)], axis=-1)
 
 
+def _quantize_int8(x: mx.array) -> tuple[mx.array, mx.array]:
+    """x [..., D] → (int8 [..., D], float32 scales [..., 1]) with x ≈ q · scale."""
+    x = x.astype(mx.float32)
+    scale = mx.maximum(mx.abs(x).max(axis=-1, keepdims=True), 1e-30) / 127.0
+    return mx.round(x / scale).astype(mx.int8), scale
+
+
 class KVCache:
     """Rotating KV cache holding the last `capacity` steps: it never runs out.
 
@@ -110,46 +118,98 @@ class KVCache:
     (MLX reuses a buffer when nothing else holds it), so a step costs O(T), not O(capacity).
     The buffers grow in chunks until they reach the capacity (a short session does not pay
     for the whole context: 3.1 GB for Moshi 7B in float32); from then on memory is flat.
+
+    bits=8 stores each key and value vector as int8 with one float32 scale (absmax / 127),
+    a quarter of the float32 size (Moshi 7B's full context: 0.8 GB). Used for quantized
+    models, whose weights already carry far larger rounding (see quantize.py).
     """
 
     GROW = 256  # steps added at a time
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, bits: int | None = None):
+        if bits not in (None, 8):
+            raise ValueError(f"KV cache bits must be None (compute dtype) or 8, got {bits}")
         self.capacity = capacity
+        self.bits = bits
+        # [B, H, slots, Dh] (int8 when bits=8), and the int8 scales [B, H, slots, 1]
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
+        self.key_scales: mx.array | None = None
+        self.value_scales: mx.array | None = None
         self.offset = 0  # steps written since the last reset
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self.key_scales = self.value_scales = None
         self.offset = 0
 
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Write k, v [B, H, T, Dh]; return the cached keys/values, ordered as `positions()`."""
+    @property
+    def valid(self) -> int:
+        """Slots holding a written step (all of them once the ring is full)."""
+        return min(self.offset, self.capacity)
+
+    def _buffers(self) -> list[str]:
+        return ["keys", "values"] + (["key_scales", "value_scales"] if self.bits else [])
+
+    def update(self, k: mx.array, v: mx.array) -> None:
+        """Write k, v [B, H, T, Dh] into the ring."""
         B, H, T, Dh = k.shape
         cap = self.capacity
         if T > cap:
             raise ValueError(f"KVCache: chunk of {T} steps exceeds the capacity {cap}")
+        new = dict(zip(["keys", "values"], (k, v)))
+        if self.bits:
+            for name, x in (("keys", k), ("values", v)):
+                new[name], new[name[:-1] + "_scales"] = _quantize_int8(x)
         if self.keys is None:
             size = min(cap, max(self.GROW, T))
-            self.keys = mx.zeros((B, H, size, Dh), dtype=k.dtype)
-            self.values = mx.zeros((B, H, size, v.shape[-1]), dtype=v.dtype)
+            for name in self._buffers():
+                x = new[name]
+                setattr(self, name, mx.zeros((B, H, size, x.shape[-1]), dtype=x.dtype))
         size = self.keys.shape[2]
         if size < cap and self.offset + T > size:  # not wrapped yet: slots are positions
             grow = min(cap, max(self.offset + T, size + self.GROW, 2 * size)) - size
-            self.keys = mx.pad(self.keys, [(0, 0), (0, 0), (0, grow), (0, 0)])
-            self.values = mx.pad(self.values, [(0, 0), (0, 0), (0, grow), (0, 0)])
+            for name in self._buffers():
+                setattr(self, name, mx.pad(getattr(self, name), [(0, 0), (0, 0), (0, grow), (0, 0)]))
         start = self.offset % cap
         first = min(T, cap - start)
-        self.keys[:, :, start:start + first] = k[:, :, :first]
-        self.values[:, :, start:start + first] = v[:, :, :first]
-        if first < T:
-            self.keys[:, :, :T - first] = k[:, :, first:]
-            self.values[:, :, :T - first] = v[:, :, first:]
+        for name in self._buffers():
+            buf, x = getattr(self, name), new[name]
+            buf[:, :, start:start + first] = x[:, :, :first]
+            if first < T:
+                buf[:, :, :T - first] = x[:, :, first:]
         self.offset += T
-        if self.offset < cap:  # not full yet: hand out only the written prefix
-            return self.keys[:, :, :self.offset], self.values[:, :, :self.offset]
-        return self.keys, self.values
+
+    def fetch(self) -> tuple[mx.array, mx.array]:
+        """The cached keys and values (in the written slots), ordered as `positions()`."""
+        n = self.valid
+        k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        if self.bits:
+            k = k.astype(mx.float32) * self.key_scales[:, :, :n]
+            v = v.astype(mx.float32) * self.value_scales[:, :, :n]
+        return k, v
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write k, v [B, H, T, Dh]; return the cached keys/values, ordered as `positions()`."""
+        self.update(k, v)
+        k2, v2 = self.fetch()
+        return k2.astype(k.dtype), v2.astype(v.dtype)
+
+    def attend_one(self, q: mx.array, scale: float) -> mx.array | None:
+        """Attention of one query step q [B, H, 1, Dh] over every written slot, with the
+        compiled CPU kernel for int8 caches; None when it does not apply (then use fetch)."""
+        from ..quantize import cpu_kernels
+
+        B, H, T, Dh = q.shape
+        kernels = cpu_kernels()
+        if (self.bits != 8 or T != 1 or kernels is None or mx.default_device() != mx.cpu
+                or Dh % 8 or Dh > 256):
+            return None
+        q2 = mx.contiguous(q.astype(mx.float32).reshape(B * H, Dh))
+        mx.eval(q2, self.keys, self.values, self.key_scales, self.value_scales)
+        out = np.empty((B * H, Dh), np.float32)
+        kernels.attend_int8(q2, self.keys, self.key_scales, self.values, self.value_scales, out, B * H,
+                            self.keys.shape[2], self.valid, Dh, scale, os.cpu_count() or 1)
+        return mx.array(out).reshape(B, H, 1, Dh).astype(q.dtype)
 
     @staticmethod
     def positions(capacity: int, offset: int) -> np.ndarray:
@@ -209,8 +269,12 @@ class Attention(nn.Module):
         v = qkv[2]
         scale = self.head_dim ** -0.5
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+            cache.update(k, v)
+            out = cache.attend_one(q, scale) if mask is None else None
+            if out is None:
+                k, v = cache.fetch()
+                out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale,
+                                                           mask=mask)
         else:
             out = self._batch_attention(q, k, v, np.arange(offset, offset + T), scale)
         return self._project(out.transpose(0, 2, 1, 3).reshape(B, T, D), offset, "out_proj")
@@ -289,6 +353,17 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
         self.stream_state: TransformerState | None = None
+        # KV cache storage: "auto" (int8 for quantized weights when the cache is long
+        # enough to matter, else the compute dtype), None (compute dtype) or 8.
+        self.kv_bits: int | str | None = "auto"
+
+    def _cache_bits(self, capacity: int) -> int | None:
+        if self.kv_bits != "auto":
+            return self.kv_bits
+        attn = self.layers[0].self_attn
+        proj = attn.in_projs[0] if self.cfg.weights_per_step else attn.in_proj
+        # The depformer's 8-step caches stay exact: there is nothing to save there.
+        return 8 if isinstance(proj, nn.QuantizedLinear) and capacity >= self.BATCH_BLOCK else None
 
     def _add_positions(self, x: mx.array, offset: int) -> mx.array:
         if self.cfg.positional_embedding not in ("sin", "sin_rope"):
@@ -319,7 +394,8 @@ class Transformer(nn.Module):
             if self.cfg.context is None:
                 raise ValueError("streaming needs a finite attention context or a cache capacity")
             capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
-        self.stream_state = TransformerState([KVCache(capacity) for _ in self.layers],
+        bits = self._cache_bits(capacity)
+        self.stream_state = TransformerState([KVCache(capacity, bits) for _ in self.layers],
                                              max_chunk=exact_chunk or capacity)
 
     def step(self, x: mx.array) -> mx.array:

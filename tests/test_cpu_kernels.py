@@ -1,0 +1,75 @@
+"""The CPU quantized-matmul kernel (moshi_mlx/_cpu_kernels.c) against MLX's own op."""
+from __future__ import annotations
+
+import platform
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from moshi_mlx.quantize import KERNEL_MAX_ROWS, QuantizedLinear, cpu_kernels
+
+
+def test_kernel_is_built_on_x86_64():
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the kernel is x86-64 only; other CPUs use mx.quantized_matmul")
+    assert cpu_kernels() is not None, "moshi_mlx._cpu_kernels did not build or this CPU lacks AVX2/FMA"
+
+
+@pytest.mark.parametrize("bits,group,scales", [(4, 32, mx.bfloat16), (4, 64, mx.float32), (4, 128, mx.bfloat16),
+                                                (8, 64, mx.float32), (8, 32, mx.bfloat16)])
+def test_quantized_linear_matches_mlx(bits, group, scales):
+    mx.random.seed(bits * 1000 + group)
+    layer = QuantizedLinear.from_linear(nn.Linear(384, 1000, bias=True), group, bits)
+    layer.scales, layer.biases = layer.scales.astype(scales), layer.biases.astype(scales)
+    layer.bias = mx.random.normal((1000,))
+    mx.eval(layer.parameters())
+    for rows in range(1, KERNEL_MAX_ROWS + 2):  # the last one goes through MLX's op
+        x = mx.random.normal((rows, 1, 384))
+        assert layer._use_kernel(x) == (rows <= KERNEL_MAX_ROWS and cpu_kernels() is not None)
+        want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
+                                   group_size=group, bits=bits) + layer.bias
+        got = layer(x)
+        assert got.shape == want.shape == (rows, 1, 1000)
+        # Same arithmetic in another summation order: float32 rounding of a 384-term sum.
+        err = np.abs(np.array(got) - np.array(want)).max() / np.abs(np.array(want)).max()
+        assert err < 2e-6, (rows, err)
+
+
+def test_kernel_rejects_bad_buffers():
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("no kernel on this CPU")
+    w = mx.zeros((8, 4), dtype=mx.uint32)
+    s = mx.zeros((8, 1), dtype=mx.float32)
+    out = np.empty((1, 8), np.float32)
+    x = mx.zeros((1, 32))
+    kernels.quantized_matmul(x, w, s, s, out, 1, 8, 32, 4, 32, 0, 2)
+    with pytest.raises(ValueError, match="buffer sizes"):
+        kernels.quantized_matmul(x, w, s, s, out, 1, 8, 64, 4, 32, 0, 2)
+    with pytest.raises(ValueError, match="unsupported"):
+        kernels.quantized_matmul(x, w, s, s, out, 1, 8, 32, 3, 32, 0, 2)
+
+
+@pytest.mark.parametrize("capacity,steps", [(16, 40), (300, 120)])  # a wrapped ring, a growing one
+def test_int8_kv_attention_kernel_matches_mlx(capacity, steps):
+    from moshi_mlx.modules.transformer import KVCache
+
+    if cpu_kernels() is None:
+        pytest.skip("no kernel on this CPU")
+    mx.random.seed(capacity)
+    cache = KVCache(capacity, bits=8)
+    k, v = mx.random.normal((2, 4, steps, 32)), mx.random.normal((2, 4, steps, 32))
+    for t in range(steps):
+        cache.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        if t % 13 == 0 or t == steps - 1:
+            q = mx.random.normal((2, 4, 1, 32))
+            got = cache.attend_one(q, 0.2)
+            keys, values = cache.fetch()  # dequantized: what the MLX path attends to
+            assert keys.shape[2] == min(t + 1, capacity)
+            want = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.2)
+            assert float(mx.abs(got - want).max()) < 1e-5 * float(mx.abs(want).max()) + 1e-6, t
+    # int8 rounding of N(0, 1) vectors of 32: steps of absmax/127 ≈ 0.02 → outputs within ~1%
+    exact = mx.fast.scaled_dot_product_attention(q, k[:, :, -capacity:], v[:, :, -capacity:], scale=0.2)
+    assert float(mx.abs(got - exact).max()) < 0.03 * float(mx.abs(exact).max())
