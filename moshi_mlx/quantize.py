@@ -72,13 +72,20 @@ class QuantizationSpec:
         return {"bits": self.bits, "group_size": self.group_size}
 
 
+def cpu_threads() -> int:
+    """Cores this process may use (the affinity mask, not the host's count, in containers)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 _STREAMS: list[mx.Stream] = []
 
 
 def _cpu_streams() -> list[mx.Stream]:
     if not _STREAMS:
         _STREAMS.append(mx.default_stream(mx.cpu))
-        for _ in range(max(1, min(8, (os.cpu_count() or 1))) - 1):
+        for _ in range(min(8, cpu_threads()) - 1):
             _STREAMS.append(mx.new_stream(mx.cpu))
     return _STREAMS
 
@@ -144,7 +151,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         out = np.empty((rows, N), np.float32)
         bf16 = self.scales.dtype == mx.bfloat16
         cpu_kernels().quantized_matmul(x2, self.weight, self.scales, self.biases, out, rows, N, K, self.bits,
-                                       self.group_size, int(bf16), os.cpu_count() or 1)
+                                       self.group_size, int(bf16), cpu_threads())
         y = mx.array(out).reshape(*x.shape[:-1], N)
         if "bias" in self:
             y = y + self.bias

@@ -7,7 +7,6 @@ streaming mode a rotating KV cache of `context` entries that never runs out.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -197,7 +196,7 @@ class KVCache:
     def attend_one(self, q: mx.array, scale: float) -> mx.array | None:
         """Attention of one query step q [B, H, 1, Dh] over every written slot, with the
         compiled CPU kernel for int8 caches; None when it does not apply (then use fetch)."""
-        from ..quantize import cpu_kernels
+        from ..quantize import cpu_kernels, cpu_threads
 
         B, H, T, Dh = q.shape
         kernels = cpu_kernels()
@@ -208,7 +207,7 @@ class KVCache:
         mx.eval(q2, self.keys, self.values, self.key_scales, self.value_scales)
         out = np.empty((B * H, Dh), np.float32)
         kernels.attend_int8(q2, self.keys, self.key_scales, self.values, self.value_scales, out, B * H,
-                            self.keys.shape[2], self.valid, Dh, scale, os.cpu_count() or 1)
+                            self.keys.shape[2], self.valid, Dh, scale, cpu_threads())
         return mx.array(out).reshape(B, H, 1, Dh).astype(q.dtype)
 
     @staticmethod
