@@ -31,6 +31,7 @@
 #endif
 
 #define MAX_ROWS 8
+#define MAX_THREADS 16
 
 #if HAVE_KERNEL
 
@@ -144,6 +145,19 @@ TARGET static void run_job(const Job *j) {
 static void *thread_main(void *arg) {
     run_job((const Job *)arg);
     return NULL;
+}
+
+/* Run jobs[0..n) (each `size` bytes), jobs 1… on their own threads and job 0 on this one.
+   A thread that cannot start has its job run here instead. */
+static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int n) {
+    pthread_t tids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 1; t < n; t++) started[t] = pthread_create(&tids[t], NULL, fn, (char *)jobs + t * size) == 0;
+    fn(jobs);
+    for (int t = 1; t < n; t++) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        else fn((char *)jobs + t * size);
+    }
 }
 
 /* 4-bit blocks hold even elements in low nibbles and odd ones in high nibbles: reorder each
@@ -285,22 +299,14 @@ static PyObject *quantized_matmul(PyObject *self, PyObject *args) {
         }
     }
     if (threads < 1) threads = 1;
-    if (threads > 16) threads = 16;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     while (threads > 1 && N / threads < 64) threads--;
-    Job jobs[16];
-    pthread_t tids[16];
-    int started[16] = {0};
-    Py_BEGIN_ALLOW_THREADS
-    for (int t = 0; t < threads; t++) {
+    Job jobs[MAX_THREADS];
+    for (int t = 0; t < threads; t++)
         jobs[t] = (Job){xp, xsum, bw.buf, bs.buf, bb.buf, by.buf, M, N, K, bits, group, bf16,
                         (int)((long)N * t / threads), (int)((long)N * (t + 1) / threads)};
-        if (t > 0) started[t] = pthread_create(&tids[t], NULL, thread_main, &jobs[t]) == 0;
-    }
-    run_job(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(tids[t], NULL);
-        else run_job(&jobs[t]); /* could not start a thread: do its share here */
-    }
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(thread_main, jobs, sizeof(Job), threads);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(xp);
     result = Py_NewRef(Py_None);
@@ -343,23 +349,15 @@ static PyObject *attend_int8(PyObject *self, PyObject *args) {
             goto done;
         }
     if (threads < 1) threads = 1;
-    if (threads > 16) threads = 16;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > BH) threads = BH;
     float *out = b[5].buf;
-    AttnJob jobs[16];
-    pthread_t tids[16];
-    int started[16] = {0};
-    Py_BEGIN_ALLOW_THREADS
-    for (int t = 0; t < threads; t++) {
+    AttnJob jobs[MAX_THREADS];
+    for (int t = 0; t < threads; t++)
         jobs[t] = (AttnJob){b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, out, S, n, Dh, BH * t / threads,
                             BH * (t + 1) / threads, scale, 0};
-        if (t > 0) started[t] = pthread_create(&tids[t], NULL, attn_thread_main, &jobs[t]) == 0;
-    }
-    run_attn(&jobs[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(tids[t], NULL);
-        else run_attn(&jobs[t]);
-    }
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(attn_thread_main, jobs, sizeof(AttnJob), threads);
     Py_END_ALLOW_THREADS
     int failed = 0;
     for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
