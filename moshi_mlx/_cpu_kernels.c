@@ -240,15 +240,29 @@ static int cpu_ok(void) {
 
 #endif /* HAVE_KERNEL */
 
-static int get(PyObject *obj, Py_buffer *view, int writable, const char *what) {
-    if (PyObject_GetBuffer(obj, view, writable ? (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) : PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Format(PyExc_TypeError, "quantized_matmul: %s must be a C-contiguous buffer", what);
-        return -1;
-    }
-    if (!PyBuffer_IsContiguous(view, 'C')) {
-        PyBuffer_Release(view);
-        PyErr_Format(PyExc_ValueError, "quantized_matmul: %s is not C-contiguous", what);
-        return -1;
+static void release_buffers(Py_buffer *b, int n) {
+    for (int i = 0; i < n; i++) PyBuffer_Release(&b[i]);
+}
+
+/* Acquire n C-contiguous buffers of the given byte sizes (the last one writable: the output).
+   On failure nothing stays acquired and a Python error names `fn` and the argument. */
+static int get_buffers(const char *fn, PyObject *const *objs, const char *const *names, const Py_ssize_t *sizes,
+                       int n, Py_buffer *b) {
+    for (int i = 0; i < n; i++) {
+        const int writable = i == n - 1;
+        if (PyObject_GetBuffer(objs[i], &b[i], writable ? (PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) : PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Format(PyExc_TypeError, "%s: %s must be a C-contiguous%s buffer", fn, names[i],
+                         writable ? " writable" : "");
+            release_buffers(b, i);
+            return -1;
+        }
+        if (!PyBuffer_IsContiguous(&b[i], 'C') || b[i].len != sizes[i]) {
+            PyErr_Format(PyExc_ValueError, "%s: buffer sizes do not match the shapes: %s has %zd bytes%s, expected %zd",
+                         fn, names[i], b[i].len, PyBuffer_IsContiguous(&b[i], 'C') ? "" : " (not C-contiguous)",
+                         sizes[i]);
+            release_buffers(b, i + 1);
+            return -1;
+        }
     }
     return 0;
 }
@@ -268,27 +282,18 @@ static PyObject *quantized_matmul(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "quantized_matmul: unsupported shape, bits or group size");
         return NULL;
     }
-    Py_buffer bx, bw, bs, bb, by;
-    if (get(ox, &bx, 0, "x") < 0) return NULL;
-    if (get(ow, &bw, 0, "w") < 0) { PyBuffer_Release(&bx); return NULL; }
-    if (get(os, &bs, 0, "scales") < 0) { PyBuffer_Release(&bx); PyBuffer_Release(&bw); return NULL; }
-    if (get(ob, &bb, 0, "biases") < 0) {
-        PyBuffer_Release(&bx); PyBuffer_Release(&bw); PyBuffer_Release(&bs); return NULL;
-    }
-    if (get(oy, &by, 1, "out") < 0) {
-        PyBuffer_Release(&bx); PyBuffer_Release(&bw); PyBuffer_Release(&bs); PyBuffer_Release(&bb); return NULL;
-    }
     const long G = K / group, esize = bf16 ? 2 : 4;
+    PyObject *objs[5] = {ox, ow, os, ob, oy};
+    const char *names[5] = {"x", "w", "scales", "biases", "out"};
+    const Py_ssize_t sizes[5] = {(Py_ssize_t)M * K * 4, (Py_ssize_t)N * K * bits / 8, N * G * esize, N * G * esize,
+                                 (Py_ssize_t)M * N * 4};
+    Py_buffer b[5];
+    if (get_buffers("quantized_matmul", objs, names, sizes, 5, b) < 0) return NULL;
     PyObject *result = NULL;
-    if (bx.len != (Py_ssize_t)M * K * 4 || bw.len != (Py_ssize_t)N * K * bits / 8 || bs.len != N * G * esize ||
-        bb.len != N * G * esize || by.len != (Py_ssize_t)M * N * 4) {
-        PyErr_SetString(PyExc_ValueError, "quantized_matmul: buffer sizes do not match the shapes");
-        goto done;
-    }
     float *xp = PyMem_RawMalloc(sizeof(float) * ((size_t)M * K + (size_t)M * G));
     if (!xp) { PyErr_NoMemory(); goto done; }
     float *xsum = xp + (size_t)M * K;
-    const float *x = bx.buf;
+    const float *x = b[0].buf;
     for (int m = 0; m < M; m++) {
         if (bits == 4) permute_x(x + (long)m * K, xp + (long)m * K, K);
         else memcpy(xp + (long)m * K, x + (long)m * K, sizeof(float) * K);
@@ -303,7 +308,7 @@ static PyObject *quantized_matmul(PyObject *self, PyObject *args) {
     while (threads > 1 && N / threads < 64) threads--;
     Job jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++)
-        jobs[t] = (Job){xp, xsum, bw.buf, bs.buf, bb.buf, by.buf, M, N, K, bits, group, bf16,
+        jobs[t] = (Job){xp, xsum, b[1].buf, b[2].buf, b[3].buf, b[4].buf, M, N, K, bits, group, bf16,
                         (int)((long)N * t / threads), (int)((long)N * (t + 1) / threads)};
     Py_BEGIN_ALLOW_THREADS
     run_parallel(thread_main, jobs, sizeof(Job), threads);
@@ -311,8 +316,7 @@ static PyObject *quantized_matmul(PyObject *self, PyObject *args) {
     PyMem_RawFree(xp);
     result = Py_NewRef(Py_None);
 done:
-    PyBuffer_Release(&bx); PyBuffer_Release(&bw); PyBuffer_Release(&bs); PyBuffer_Release(&bb);
-    PyBuffer_Release(&by);
+    release_buffers(b, 5);
     return result;
 #endif
 }
@@ -338,16 +342,8 @@ static PyObject *attend_int8(PyObject *self, PyObject *args) {
     const Py_ssize_t sizes[6] = {(Py_ssize_t)BH * Dh * 4, (Py_ssize_t)BH * S * Dh, (Py_ssize_t)BH * S * 4,
                                  (Py_ssize_t)BH * S * Dh, (Py_ssize_t)BH * S * 4, (Py_ssize_t)BH * Dh * 4};
     Py_buffer b[6];
-    int got = 0;
+    if (get_buffers("attend_int8", objs, names, sizes, 6, b) < 0) return NULL;
     PyObject *result = NULL;
-    for (; got < 6; got++)
-        if (get(objs[got], &b[got], got == 5, names[got]) < 0) goto done;
-    for (int i = 0; i < 6; i++)
-        if (b[i].len != sizes[i]) {
-            PyErr_Format(PyExc_ValueError, "attend_int8: buffer %s has %zd bytes, expected %zd", names[i], b[i].len,
-                         sizes[i]);
-            goto done;
-        }
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > BH) threads = BH;
@@ -363,8 +359,7 @@ static PyObject *attend_int8(PyObject *self, PyObject *args) {
     for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
     if (failed) PyErr_NoMemory();
     else result = Py_NewRef(Py_None);
-done:
-    for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    release_buffers(b, 6);
     return result;
 #endif
 }

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..quantize import cpu_kernels, cpu_threads
 from .activations import gelu
 from .streaming import scratch_state
 
@@ -196,8 +197,6 @@ class KVCache:
     def attend_one(self, q: mx.array, scale: float) -> mx.array | None:
         """Attention of one query step q [B, H, 1, Dh] over every written slot, with the
         compiled CPU kernel for int8 caches; None when it does not apply (then use fetch)."""
-        from ..quantize import cpu_kernels, cpu_threads
-
         B, H, T, Dh = q.shape
         kernels = cpu_kernels()
         if (self.bits != 8 or T != 1 or kernels is None or mx.default_device() != mx.cpu
