@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         import mlx.core as mx
 
-        from .quantize import cpu_kernels
+        from .kernels import cpu_kernels
 
         kernels = "on" if cpu_kernels() is not None else "off (not built, no AVX2/FMA, or MOSHI_MLX_CPU_KERNELS=0)"
         print(f"mlx {mx.__version__}, device {mx.default_device()}; {STATUS.reason}; "
-              f"CPU quantized/int8-KV kernels {kernels}", file=sys.stderr)
+              f"CPU kernels (quantized matmul, int8-KV attention, SEANet convolutions) {kernels}", file=sys.stderr)
     try:
         return int(args.run(args) or 0)
     except MoshiMlxError as e:

@@ -30,6 +30,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map_with_path
 
+from .kernels import cpu_kernels, cpu_threads
+
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 
 
@@ -72,13 +74,6 @@ class QuantizationSpec:
         return {"bits": self.bits, "group_size": self.group_size}
 
 
-def cpu_threads() -> int:
-    """Cores this process may use (the affinity mask, not the host's count, in containers)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 _STREAMS: list[mx.Stream] = []
 
 
@@ -90,22 +85,6 @@ def _cpu_streams() -> list[mx.Stream]:
     return _STREAMS
 
 
-def cpu_kernels():
-    """The compiled CPU kernels if they are built and this CPU runs them, else None."""
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = False
-        if os.environ.get("MOSHI_MLX_CPU_KERNELS", "1").lower() not in ("0", "off", "no", "false"):
-            try:
-                from . import _cpu_kernels
-            except ImportError:
-                pass
-            else:
-                _KERNELS = _cpu_kernels if _cpu_kernels.available() else False
-    return _KERNELS or None
-
-
-_KERNELS = None
 KERNEL_MAX_ROWS = 8
 
 

@@ -8,7 +8,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from moshi_mlx.quantize import KERNEL_MAX_ROWS, QuantizedLinear, cpu_kernels
+from moshi_mlx.kernels import cpu_kernels
+from moshi_mlx.quantize import KERNEL_MAX_ROWS, QuantizedLinear
 
 
 def test_kernel_is_built_on_x86_64():
