@@ -1,7 +1,7 @@
 """`moshi-mlx chat`: full-duplex conversation with Moshi.
 
 Live: microphone and speakers through sounddevice (PortAudio) at 24 kHz mono (resampled
-when a device runs at another rate); the audio callbacks only move buffers, one worker
+when a device runs at another rate); the audio callbacks only move buffers, the main
 thread runs echo cancellation, Mimi and the LM (moshi_mlx.duplex.LiveLoop), with lag
 control and a status line. Or over a recording (`--input-file IN.wav --output-file OUT.wav`):
 the same per-frame pipeline, at full speed.
@@ -173,35 +173,40 @@ def run_live(args: argparse.Namespace) -> int:
             outdata[n:, 0] = 0.0
             out_pending = out_pending[n:]
 
-    def pump():  # worker: resample device blocks, run the model, resample Moshi's audio
+    def pump_once() -> None:  # resample device blocks, run the model, resample Moshi's audio
         nonlocal out_pending
-        while not loop.stop_event.is_set():
-            while raw_in:
-                block = raw_in.popleft()
-                loop.push_input(to_model.resample_chunk(block) if to_model else block)
-            if not loop.process_one():
-                time.sleep(0.005)
+        while raw_in:
+            block = raw_in.popleft()
+            loop.push_input(to_model.resample_chunk(block) if to_model else block)
+        if not loop.process_one():
+            time.sleep(0.005)
+        with out_lock:
+            need = int(0.16 * out_rate) - len(out_pending)  # keep ~2 frames queued for the device
+        if need > 0 and loop.out_q:
+            pcm = loop.pull_output(session.frame_size)
+            pcm = to_device.resample_chunk(pcm) if to_device else pcm
             with out_lock:
-                need = int(0.16 * out_rate) - len(out_pending)  # keep ~2 frames queued for the device
-            if need > 0 and loop.out_q:
-                pcm = loop.pull_output(session.frame_size)
-                pcm = to_device.resample_chunk(pcm) if to_device else pcm
-                with out_lock:
-                    out_pending = np.concatenate([out_pending, pcm])
+                out_pending = np.concatenate([out_pending, pcm])
 
-    worker = threading.Thread(target=pump, daemon=True)
+    def report() -> None:  # status line, twice a second
+        while not loop.stop_event.wait(0.5):
+            print(f"\r[{loop.step_ms:5.0f} ms/step, {80.0 / max(loop.step_ms, 1e-3):4.2f}x real time, "
+                  f"latency {loop.latency_ms:5.0f} ms, dropped {loop.dropped_in}]", end="", file=sys.stderr)
+
+    # The model runs on this (the main) thread, where it was loaded and warmed up: MLX's
+    # streams are per thread (since MLX 0.31.2), and a process that used MLX from a second
+    # thread can abort at exit. Ctrl-C arrives here as KeyboardInterrupt.
+    reporter = threading.Thread(target=report, daemon=True)
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
     try:
         with sd.InputStream(device=_device(args.input_device), channels=1, samplerate=in_rate, dtype="float32",
                             callback=on_input), \
                 sd.OutputStream(device=_device(args.output_device), channels=1, samplerate=out_rate,
                                 dtype="float32", callback=on_output):
-            worker.start()
             print("listening: talk to Moshi (Ctrl-C to stop)", file=sys.stderr)
+            reporter.start()
             while deadline is None or time.time() < deadline:
-                time.sleep(0.5)
-                print(f"\r[{loop.step_ms:5.0f} ms/step, {80.0 / max(loop.step_ms, 1e-3):4.2f}x real time, "
-                      f"latency {loop.latency_ms:5.0f} ms, dropped {loop.dropped_in}]", end="", file=sys.stderr)
+                pump_once()
     except KeyboardInterrupt:
         pass
     except sd.PortAudioError as e:
@@ -212,8 +217,8 @@ def run_live(args: argparse.Namespace) -> int:
                             "see --list-devices)") from None
     finally:
         loop.stop_event.set()
-        if worker.is_alive():
-            worker.join(2)
+        if reporter.is_alive():
+            reporter.join(2)
     print(file=sys.stderr)
     if recorder is not None:
         recorder.close()

@@ -67,8 +67,10 @@ class DuplexSession:
 class LiveLoop:
     """Runs a DuplexSession against the clock of real audio devices.
 
-    The device callbacks only move buffers (`push_input`, `pull_output`); one worker thread
-    (`run_worker`) echo-cancels, runs the model and queues Moshi's frames. Lag control: when
+    The device callbacks only move buffers (`push_input`, `pull_output`); one model thread
+    (`process_one` in a loop, or `run_worker`) echo-cancels, runs the model and queues
+    Moshi's frames. With MLX that must be the thread that loaded the model (MLX streams are
+    per thread), which is why `moshi-mlx chat` keeps it on the main thread. Lag control: when
     the model falls behind, input frames older than `max_lag_frames` are dropped (and
     counted) so that latency stays bounded instead of growing without end.
     All audio here is mono float32 at the session's 24 kHz.
@@ -82,7 +84,7 @@ class LiveLoop:
         self.session, self.aec = session, aec
         self.frame = session.frame_size
         self.max_lag_frames, self.max_out_frames = max_lag_frames, max_out_frames
-        self.on_frame = on_frame  # called by the worker with (user_frame, FrameOutput)
+        self.on_frame = on_frame  # called by the model thread with (user_frame, FrameOutput)
         self.in_q: collections.deque = collections.deque()
         self.out_q: collections.deque = collections.deque()
         self.far_q: collections.deque = collections.deque()  # what the speakers played, per frame
@@ -118,7 +120,7 @@ class LiveLoop:
                 self.far_q.popleft()
         return out
 
-    # -- worker side ----------------------------------------------------------------------------------
+    # -- model side -----------------------------------------------------------------------------------
     @property
     def latency_ms(self) -> float:
         """Audio waiting to be processed or played, plus the time one step takes."""
