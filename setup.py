@@ -1,5 +1,6 @@
 """Optional C extensions (everything else is in pyproject.toml): the Linux BLAS shim and the
-CPU quantized-matmul kernel. Both are optional: without a compiler the package still works."""
+CPU kernels (quantized matmul, int8-KV attention, SEANet convolutions). Both are optional:
+without a compiler the package still works, on MLX's own ops."""
 import sys
 
 from setuptools import Extension, setup

@@ -135,14 +135,17 @@ def _peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def _timeit(fn, repeat: int = 1) -> float:
+def _timeit(fn, repeat: int = 3) -> float:
+    """Median of `repeat` timed runs after one warm-up run (compilation, allocation)."""
     import time
 
-    fn()  # warm-up (compilation, allocation)
-    t0 = time.perf_counter()
+    fn()
+    times = []
     for _ in range(repeat):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / repeat
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _stream_times(enc_step, dec_step, pcm: np.ndarray, warmup: int = 5) -> tuple[float, float]:

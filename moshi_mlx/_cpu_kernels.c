@@ -1,7 +1,11 @@
 /*
- * Quantized matrix × few-rows products for MLX's CPU backend.
+ * CPU kernels for MLX's CPU backend, where its own ops leave most of the machine idle:
  *
- * Token-by-token decoding multiplies one activation row (or a handful: CFG, batches) by
+ *   1. quantized matrix × few-rows products (token-by-token decoding of quantized models);
+ *   2. one query's attention over an int8 KV cache;
+ *   3. SEANet's convolutions (Mimi), with ELU, bias and residual fused (see section 3).
+ *
+ * (1) Token-by-token decoding multiplies one activation row (or a handful: CFG, batches) by
  * every weight matrix. On the CPU backend MLX's quantized matmul is scalar code that
  * decodes ~1.4 G weights/s per core, so a 7B q4 model spends ~2.8 s per step there; the
  * memory holding those weights could be streamed ~10x faster. This kernel decodes MLX's
@@ -13,7 +17,7 @@
  *
  * The arithmetic is MLX's (dequantize, multiply, add) in another summation order: results
  * agree to float32 rounding (tests/test_cpu_kernels.py). Only x86-64 with AVX2/FMA is
- * accelerated; elsewhere `available()` is false and callers use mx.quantized_matmul.
+ * accelerated; elsewhere `available()` is false and callers use MLX's ops.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -172,7 +176,7 @@ static void permute_x(const float *x, float *xp, int K) {
         }
 }
 
-/* ---- attention of one query over an int8 KV cache ----------------------------------------
+/* ---- 2. attention of one query over an int8 KV cache -------------------------------------
    Keys and values are stored as int8 with one float scale per (head, slot) vector:
    k ≈ kq · ks. out = softmax(scale · q·K^T) · V over the first n slots of each head. */
 
@@ -236,6 +240,330 @@ static void *attn_thread_main(void *arg) {
 static int cpu_ok(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+
+/* ---- 3. SEANet convolutions: causal, with fused ELU, bias and residual ---------------------
+
+   y[b, t, o] = bias[o] + Σ_{k<K} Σ_{c<Cin} W[o, k, c] · act(in[b, t·S + k·D, c])
+
+   where `in` is the left context `prev` [B, ctx, Cin] followed by the new input x [B, T, Cin]
+   (a "valid" convolution: the caller never concatenates them), and act is the identity or
+   ELU. `residual_block` chains two of them as SEANet's block does: x + conv_k1(elu(conv_k(
+   elu(in)))), the hidden activations never leaving the cache.
+
+   Why: SEANet's convolutions have few channels at high rates (64 channels at 24 kHz).
+   OpenBLAS runs such thin products far below its peak, and MLX's single-threaded ELU,
+   im2col copies, bias and residual adds cost more than the products. Here each thread
+   gathers (and activates) a block of input rows once, in cache, then computes output tiles
+   of 6 rows × 16 channels with 12 AVX2 accumulators (12 × 16 with AVX-512), adding bias and
+   residual on the way out.
+
+   Every output is summed over (k, c) in an order fixed by K and Cin alone, whatever T, the
+   tiling, the threads or the instruction set, so streaming and batch calls agree exactly.
+
+   W comes packed in blocks of 16 output channels: wp[ob][k · Cin + c][16], zero beyond Cout. */
+
+/* Loops over a tile's rows must unroll completely, or its accumulators live on the stack. */
+#if defined(__clang__)
+#define UNROLL _Pragma("clang loop unroll(full)")
+#else
+#define UNROLL _Pragma("GCC unroll 16")
+#endif
+
+#define CONV_COLS 16
+#define CONV_ROWS 6       /* rows per AVX2 tile: 12 accumulators of 8 floats */
+#define CONV_ROWS_512 12  /* rows per AVX-512 tile: 12 accumulators of 16 floats */
+#define CONV_CHUNK 256    /* reductions per pass: a 16 KB weight chunk, reused from L1 by every row tile */
+#define TARGET512 __attribute__((target("avx512f,fma")))
+
+/* MOSHI_MLX_AVX512=0 keeps the AVX2 tiles (same results; for comparisons). */
+static int cpu_has_avx512(void) {
+    static int has = -1;
+    if (has < 0) {
+        const char *env = getenv("MOSHI_MLX_AVX512");
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx512f") && !(env && env[0] == '0');
+    }
+    return has;
+}
+
+typedef struct { /* one convolution */
+    const float *wp, *bias; /* packed weight, bias [Cout] or NULL */
+    int Cin, Cout, K, S, D;
+} Conv;
+
+/* exp(x) for x in [−87, 0]: 2^n · p(r), r = x − n·ln 2, p the degree-7 Taylor polynomial
+   (relative error < 3e-9): the same formula as activations._exp. */
+TARGET static inline __m256 exp8(__m256 x) {
+    const __m256 magic = _mm256_set1_ps(12582912.0f);
+    const __m256 t = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)), magic);
+    const __m256 n = _mm256_sub_ps(t, magic);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693145751953125f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(1.428606765330187e-06f)));
+    __m256 p = _mm256_set1_ps((float)(1.0 / 5040));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps((float)(1.0 / 720)));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps((float)(1.0 / 120)));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps((float)(1.0 / 24)));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps((float)(1.0 / 6)));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000 - 127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* y = ELU(x) = max(x, 0) + exp(min(x, 0)) − 1 over n floats (in place is fine), or a copy. */
+TARGET static void activate(const float *x, float *y, long n, int act) {
+    if (!act) {
+        memmove(y, x, sizeof(float) * n);
+        return;
+    }
+    const __m256 zero = _mm256_setzero_ps(), lo = _mm256_set1_ps(-87.0f), one = _mm256_set1_ps(1.0f);
+    for (long i = 0; i < n; i += 8) {
+        float tmp[8] = {0};
+        const int full = i + 8 <= n;
+        if (!full) memcpy(tmp, x + i, sizeof(float) * (n - i));
+        const __m256 v = _mm256_loadu_ps(full ? x + i : tmp);
+        const __m256 e = exp8(_mm256_max_ps(_mm256_min_ps(v, zero), lo));
+        const __m256 r = _mm256_add_ps(_mm256_max_ps(v, zero), _mm256_sub_ps(e, one));
+        if (full) {
+            _mm256_storeu_ps(y + i, r);
+        } else {
+            _mm256_storeu_ps(tmp, r);
+            memcpy(y + i, tmp, sizeof(float) * (n - i));
+        }
+    }
+}
+
+/* Rows [r0, r0 + n) of one batch item's input (context then x), activated, into buf. */
+static void gather_rows(const float *prev, int ctx, const float *x, int C, long r0, long n, int act, float *buf) {
+    if (r0 < ctx) {
+        const long from_prev = n < ctx - r0 ? n : ctx - r0;
+        activate(prev + r0 * C, buf, from_prev * C, act);
+        buf += from_prev * C, r0 += from_prev, n -= from_prev;
+    }
+    if (n > 0) activate(x + (r0 - ctx) * C, buf, n * C, act);
+}
+
+TARGET static inline __m256 load_cols(const float *p, int ncols, int half) {
+    if (ncols == CONV_COLS) return _mm256_loadu_ps(p + 8 * half);
+    float tmp[CONV_COLS] = {0};
+    memcpy(tmp, p, sizeof(float) * ncols);
+    return _mm256_loadu_ps(tmp + 8 * half);
+}
+
+/* One pass of one tile: M (a compile-time constant per instance) output rows × 16 columns,
+   over taps [k0, k1) and input channels [c0, c1). xr[m] points at output row m's first
+   input row. Later passes add to the partial sums stored in y by earlier ones; the last
+   pass adds bias and residual. */
+#define TILE_PARAMS const Conv *g, const float *const *xr, const float *wp, const float *bias16, \
+    const float *const *rr, float *const *yr, int ncols, int k0, int k1, int c0, int c1, int first, int last
+#define TILE_ARGS g, xr, wp, bias16, rr, yr, ncols, k0, k1, c0, c1, first, last
+
+TARGET static inline __attribute__((always_inline)) void conv_tile(TILE_PARAMS, const int M) {
+    __m256 a0[CONV_ROWS], a1[CONV_ROWS];
+    UNROLL
+    for (int m = 0; m < M; m++) a0[m] = a1[m] = _mm256_setzero_ps();
+    const int Cin = g->Cin;
+    const long DC = (long)g->D * Cin;
+    for (int k = k0; k < k1; k++) {
+        const float *w = wp + ((long)k * Cin) * CONV_COLS;
+        const long off = k * DC;
+        for (int c = c0; c < c1; c++) {
+            const __m256 w0 = _mm256_loadu_ps(w + CONV_COLS * c), w1 = _mm256_loadu_ps(w + CONV_COLS * c + 8);
+            UNROLL
+            for (int m = 0; m < M; m++) {
+                const __m256 xb = _mm256_broadcast_ss(xr[m] + off + c);
+                a0[m] = _mm256_fmadd_ps(xb, w0, a0[m]);
+                a1[m] = _mm256_fmadd_ps(xb, w1, a1[m]);
+            }
+        }
+    }
+    UNROLL
+    for (int m = 0; m < M; m++) {
+        __m256 v0 = a0[m], v1 = a1[m];
+        if (!first) {
+            v0 = _mm256_add_ps(v0, load_cols(yr[m], ncols, 0));
+            v1 = _mm256_add_ps(v1, load_cols(yr[m], ncols, 1));
+        }
+        if (last) {
+            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(bias16));
+            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(bias16 + 8));
+            if (rr[m]) {
+                v0 = _mm256_add_ps(v0, load_cols(rr[m], ncols, 0));
+                v1 = _mm256_add_ps(v1, load_cols(rr[m], ncols, 1));
+            }
+        }
+        if (ncols == CONV_COLS) {
+            _mm256_storeu_ps(yr[m], v0);
+            _mm256_storeu_ps(yr[m] + 8, v1);
+        } else {
+            float tmp[CONV_COLS];
+            _mm256_storeu_ps(tmp, v0);
+            _mm256_storeu_ps(tmp + 8, v1);
+            memcpy(yr[m], tmp, sizeof(float) * ncols);
+        }
+    }
+}
+
+/* The same pass with AVX-512: 12 rows × 16 columns, one register per row. Each output lane
+   sees the same sequence of FMAs as in conv_tile, so the results are bit-identical. */
+TARGET512 static inline __attribute__((always_inline)) void conv_tile512(TILE_PARAMS, const int M) {
+    __m512 a[CONV_ROWS_512];
+    UNROLL
+    for (int m = 0; m < M; m++) a[m] = _mm512_setzero_ps();
+    const int Cin = g->Cin;
+    const long DC = (long)g->D * Cin;
+    for (int k = k0; k < k1; k++) {
+        const float *w = wp + ((long)k * Cin) * CONV_COLS;
+        const long off = k * DC;
+        for (int c = c0; c < c1; c++) {
+            const __m512 w0 = _mm512_loadu_ps(w + CONV_COLS * c);
+            UNROLL
+            for (int m = 0; m < M; m++) a[m] = _mm512_fmadd_ps(_mm512_set1_ps(xr[m][off + c]), w0, a[m]);
+        }
+    }
+    const __mmask16 mask = (__mmask16)((1u << ncols) - 1);
+    UNROLL
+    for (int m = 0; m < M; m++) {
+        __m512 v = a[m];
+        if (!first) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, yr[m]));
+        if (last) {
+            v = _mm512_add_ps(v, _mm512_loadu_ps(bias16));
+            if (rr[m]) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, rr[m]));
+        }
+        _mm512_mask_storeu_ps(yr[m], mask, v);
+    }
+}
+
+/* One instance per row count, so that each tile's accumulators stay in registers. */
+TARGET static void tile_dispatch(TILE_PARAMS, int M) {
+    switch (M) {
+    case 1: conv_tile(TILE_ARGS, 1); break;
+    case 2: conv_tile(TILE_ARGS, 2); break;
+    case 3: conv_tile(TILE_ARGS, 3); break;
+    case 4: conv_tile(TILE_ARGS, 4); break;
+    case 5: conv_tile(TILE_ARGS, 5); break;
+    default: conv_tile(TILE_ARGS, 6); break;
+    }
+}
+
+TARGET512 static void tile512_dispatch(TILE_PARAMS, int M) {
+    switch (M) {
+    case 1: conv_tile512(TILE_ARGS, 1); break;
+    case 2: conv_tile512(TILE_ARGS, 2); break;
+    case 3: conv_tile512(TILE_ARGS, 3); break;
+    case 4: conv_tile512(TILE_ARGS, 4); break;
+    case 5: conv_tile512(TILE_ARGS, 5); break;
+    case 6: conv_tile512(TILE_ARGS, 6); break;
+    case 7: conv_tile512(TILE_ARGS, 7); break;
+    case 8: conv_tile512(TILE_ARGS, 8); break;
+    case 9: conv_tile512(TILE_ARGS, 9); break;
+    case 10: conv_tile512(TILE_ARGS, 10); break;
+    case 11: conv_tile512(TILE_ARGS, 11); break;
+    default: conv_tile512(TILE_ARGS, 12); break;
+    }
+}
+
+/* The passes over the reduction (k, c), from a state of all zeros: whole taps when a tap
+   has at most CONV_CHUNK channels, else CONV_CHUNK channels of one tap at a time. */
+static int next_pass(const Conv *g, int *k0, int *k1, int *c0, int *c1) {
+    const int Cin = g->Cin, K = g->K;
+    if (*k1 >= K && *c1 >= Cin) return 0;
+    if (Cin <= CONV_CHUNK) {
+        *k0 = *k1;
+        *k1 = *k0 + CONV_CHUNK / Cin < K ? *k0 + CONV_CHUNK / Cin : K;
+        *c0 = 0, *c1 = Cin;
+    } else if (*k1 > 0 && *c1 < Cin) {
+        *c0 = *c1;
+        *c1 = *c0 + CONV_CHUNK < Cin ? *c0 + CONV_CHUNK : Cin;
+    } else {
+        *k0 = *k1, *k1 = *k0 + 1;
+        *c0 = 0, *c1 = CONV_CHUNK;
+    }
+    return 1;
+}
+
+/* n output rows, channel blocks [ob0, ob1): src holds their input rows (row 0 is output row
+   0's first tap), y and res (or NULL) their rows with a stride of Cout. */
+TARGET static void conv_rows(const Conv *g, const float *src, int n, float *y, const float *res, int ob0, int ob1,
+                             int avx512) {
+    const int Cin = g->Cin, Cout = g->Cout;
+    const long KC = (long)g->K * Cin;
+    const int rows_per_tile = avx512 ? CONV_ROWS_512 : CONV_ROWS;
+    for (int ob = ob0; ob < ob1; ob++) {
+        const int col = ob * CONV_COLS, ncols = Cout - col < CONV_COLS ? Cout - col : CONV_COLS;
+        float bias16[CONV_COLS] = {0};
+        if (g->bias) memcpy(bias16, g->bias + col, sizeof(float) * ncols);
+        const float *wp = g->wp + ob * KC * CONV_COLS;
+        int k0 = 0, k1 = 0, c0 = 0, c1 = 0;
+        for (int first = 1; next_pass(g, &k0, &k1, &c0, &c1); first = 0) {
+            const int last = k1 >= g->K && c1 >= Cin;
+            for (int t = 0; t < n; t += rows_per_tile) {
+                const int M = n - t < rows_per_tile ? n - t : rows_per_tile;
+                const float *xr[CONV_ROWS_512], *rr[CONV_ROWS_512];
+                float *yr[CONV_ROWS_512];
+                for (int m = 0; m < M; m++) {
+                    xr[m] = src + (long)(t + m) * g->S * Cin;
+                    rr[m] = res ? res + (long)(t + m) * Cout + col : NULL;
+                    yr[m] = y + (long)(t + m) * Cout + col;
+                }
+                if (avx512) tile512_dispatch(TILE_ARGS, M);
+                else tile_dispatch(TILE_ARGS, M);
+            }
+        }
+    }
+}
+
+typedef struct {
+    const float *prev, *x; /* [B, ctx, C], [B, T, C] */
+    float *y;              /* [B, T_out, Cout] of the last convolution */
+    Conv conv[2];          /* one convolution, or a residual block's two */
+    int stages, ctx, T, T_out, act, block_rows, avx512;
+    long r0, r1; /* flat output rows [r0, r1) over (b, t) */
+    int ob0, ob1; /* output channel blocks [ob0, ob1) (one convolution only) */
+    int failed;
+} ConvJob;
+
+TARGET static void conv_job(ConvJob *j) {
+    const Conv *g = &j->conv[0];
+    const int span = (g->K - 1) * g->D + 1, C = g->Cin;
+    const int hidden = j->stages == 2 ? g->Cout : 0;
+    float *buf = malloc(sizeof(float) * ((size_t)((j->block_rows - 1) * g->S + span) * C
+                                         + (size_t)j->block_rows * hidden));
+    if (!buf) {
+        j->failed = 1;
+        return;
+    }
+    float *hbuf = buf + (size_t)((j->block_rows - 1) * g->S + span) * C;
+    for (long r = j->r0; r < j->r1;) {
+        const long b = r / j->T_out;
+        const int t0 = (int)(r % j->T_out);
+        int t1 = t0 + j->block_rows;
+        if (t1 > j->T_out) t1 = j->T_out;
+        if (t1 - t0 > j->r1 - r) t1 = t0 + (int)(j->r1 - r);
+        const int n = t1 - t0;
+        const float *xb = j->x + (long)b * j->T * C;
+        gather_rows(j->prev ? j->prev + (long)b * j->ctx * C : NULL, j->ctx, xb, C, (long)t0 * g->S,
+                    (long)(n - 1) * g->S + span, j->act, buf);
+        float *y = j->y + (b * j->T_out + t0) * (long)j->conv[j->stages - 1].Cout;
+        if (j->stages == 1) {
+            conv_rows(g, buf, n, y, NULL, j->ob0, j->ob1, j->avx512);
+        } else { /* x + conv_k1(elu(conv(elu(in)))): output row t's residual is x row t */
+            const Conv *g2 = &j->conv[1];
+            conv_rows(g, buf, n, hbuf, NULL, 0, (hidden + CONV_COLS - 1) / CONV_COLS, j->avx512);
+            activate(hbuf, hbuf, (long)n * hidden, 1);
+            conv_rows(g2, hbuf, n, y, xb + (long)t0 * C, 0, (g2->Cout + CONV_COLS - 1) / CONV_COLS, j->avx512);
+        }
+        r += n;
+    }
+    free(buf);
+}
+
+static void *conv_thread_main(void *arg) {
+    conv_job((ConvJob *)arg);
+    return NULL;
 }
 
 #endif /* HAVE_KERNEL */
@@ -364,6 +692,141 @@ static PyObject *attend_int8(PyObject *self, PyObject *args) {
 #endif
 }
 
+#if HAVE_KERNEL
+/* Thread count and jobs for n_rows output rows (or, with few rows, the output channel
+   blocks of a single convolution), then run them. Returns -1 when out of memory. */
+static int run_conv(ConvJob proto, long rows, long flops, int threads) {
+    const int avx512 = cpu_has_avx512();
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    /* Starting a thread costs ~20-50 µs: small products stay on this one. */
+    while (threads > 1 && (double)flops / threads < 4e5) threads--;
+    const int blocks = (proto.conv[0].Cout + CONV_COLS - 1) / CONV_COLS;
+    const int split_rows = proto.stages == 2 || rows >= (long)threads * 4 * CONV_ROWS;
+    if (!split_rows && blocks < threads) threads = blocks;
+    ConvJob jobs[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        jobs[t] = proto;
+        jobs[t].avx512 = avx512;
+        jobs[t].r0 = split_rows ? rows * t / threads : 0;
+        jobs[t].r1 = split_rows ? rows * (t + 1) / threads : rows;
+        jobs[t].ob0 = split_rows ? 0 : blocks * t / threads;
+        jobs[t].ob1 = split_rows ? blocks : blocks * (t + 1) / threads;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(conv_thread_main, jobs, sizeof(ConvJob), threads);
+    Py_END_ALLOW_THREADS
+    int failed = 0;
+    for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
+    return failed ? -1 : 0;
+}
+
+/* Rows per block: the gathered input within ~128 KB (L2), and at least 48 rows, so that
+   each pass over the weights serves many rows (deep layers: few rows, big weights). */
+static int block_rows_for(int Cin, int span, int S, int extra_per_row) {
+    int rows = ((32768 - span * Cin) / (S * Cin + extra_per_row));
+    if (rows < 8 * CONV_ROWS) rows = 8 * CONV_ROWS;
+    return rows - rows % CONV_ROWS_512; /* whole tiles of either width */
+}
+#endif
+
+/* conv1d(prev, x, wp, bias, out, B, ctx, T, T_out, Cin, Cout, K, S, D, act, threads):
+   prev [B, ctx, Cin] (None when ctx is 0), x [B, T, Cin], bias [Cout] or None, out
+   [B, T_out, Cout]; act 1 applies ELU to the input. */
+static PyObject *conv1d(PyObject *self, PyObject *args) {
+    PyObject *oprev, *ox, *ow, *obias, *oy;
+    int B, ctx, T, T_out, Cin, Cout, K, S, D, act, threads;
+    if (!PyArg_ParseTuple(args, "OOOOOiiiiiiiiiii", &oprev, &ox, &ow, &obias, &oy, &B, &ctx, &T, &T_out, &Cin,
+                          &Cout, &K, &S, &D, &act, &threads))
+        return NULL;
+#if !HAVE_KERNEL
+    PyErr_SetString(PyExc_RuntimeError, "conv1d: not available on this platform");
+    return NULL;
+#else
+    const int span = (K - 1) * D + 1;
+    if (B < 1 || T < 1 || T_out < 1 || ctx < 0 || Cin < 1 || Cout < 1 || K < 1 || S < 1 || D < 1
+        || (act != 0 && act != 1) || (long)(T_out - 1) * S + span > (long)ctx + T || (ctx > 0) != (oprev != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "conv1d: unsupported shape (context + input shorter than the output needs, "
+                                          "a size < 1, or prev given without context)");
+        return NULL;
+    }
+    const long blocks = (Cout + CONV_COLS - 1) / CONV_COLS;
+    PyObject *objs[5];
+    const char *names[5];
+    Py_ssize_t sizes[5];
+    int n = 0;
+    if (ctx > 0) objs[n] = oprev, names[n] = "prev", sizes[n++] = (Py_ssize_t)B * ctx * Cin * 4;
+    objs[n] = ox, names[n] = "x", sizes[n++] = (Py_ssize_t)B * T * Cin * 4;
+    objs[n] = ow, names[n] = "packed weight", sizes[n++] = (Py_ssize_t)blocks * K * Cin * CONV_COLS * 4;
+    if (obias != Py_None) objs[n] = obias, names[n] = "bias", sizes[n++] = (Py_ssize_t)Cout * 4;
+    objs[n] = oy, names[n] = "out", sizes[n++] = (Py_ssize_t)B * T_out * Cout * 4;
+    Py_buffer b[5];
+    if (get_buffers("conv1d", objs, names, sizes, n, b) < 0) return NULL;
+    const int i0 = ctx > 0;
+    ConvJob job = {0};
+    job.prev = ctx > 0 ? b[0].buf : NULL;
+    job.x = b[i0].buf;
+    job.y = b[n - 1].buf;
+    job.conv[0] = (Conv){b[i0 + 1].buf, obias != Py_None ? b[i0 + 2].buf : NULL, Cin, Cout, K, S, D};
+    job.stages = 1, job.ctx = ctx, job.T = T, job.T_out = T_out, job.act = act;
+    job.block_rows = block_rows_for(Cin, span, S, 0);
+    const int rc = run_conv(job, (long)B * T_out, 2L * B * T_out * K * Cin * Cout, threads);
+    release_buffers(b, n);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#endif
+}
+
+/* residual_block(prev, x, w1p, b1, w2p, b2, out, B, ctx, T, C, H, K, D, threads):
+   out = x + conv2(elu(conv1(elu(prev ‖ x)))), conv1 C → H with kernel K and dilation D
+   (ctx = (K − 1)·D), conv2 H → C with kernel 1; biases may be None. */
+static PyObject *residual_block(PyObject *self, PyObject *args) {
+    PyObject *oprev, *ox, *ow1, *ob1, *ow2, *ob2, *oy;
+    int B, ctx, T, C, H, K, D, threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOOiiiiiiii", &oprev, &ox, &ow1, &ob1, &ow2, &ob2, &oy, &B, &ctx, &T, &C, &H,
+                          &K, &D, &threads))
+        return NULL;
+#if !HAVE_KERNEL
+    PyErr_SetString(PyExc_RuntimeError, "residual_block: not available on this platform");
+    return NULL;
+#else
+    if (B < 1 || T < 1 || C < 1 || H < 1 || K < 1 || D < 1 || ctx != (K - 1) * D || (ctx > 0) != (oprev != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "residual_block: unsupported shape (the context must be (K - 1) * D "
+                                          "rows, given as prev when not empty)");
+        return NULL;
+    }
+    PyObject *objs[7];
+    const char *names[7];
+    Py_ssize_t sizes[7];
+    int n = 0;
+    if (ctx > 0) objs[n] = oprev, names[n] = "prev", sizes[n++] = (Py_ssize_t)B * ctx * C * 4;
+    objs[n] = ox, names[n] = "x", sizes[n++] = (Py_ssize_t)B * T * C * 4;
+    const int iw1 = n;
+    objs[n] = ow1, names[n] = "packed weight 1", sizes[n++] = (Py_ssize_t)((H + CONV_COLS - 1) / CONV_COLS) * K * C * CONV_COLS * 4;
+    const int ib1 = ob1 != Py_None ? n : -1;
+    if (ib1 >= 0) objs[n] = ob1, names[n] = "bias 1", sizes[n++] = (Py_ssize_t)H * 4;
+    const int iw2 = n;
+    objs[n] = ow2, names[n] = "packed weight 2", sizes[n++] = (Py_ssize_t)((C + CONV_COLS - 1) / CONV_COLS) * H * CONV_COLS * 4;
+    const int ib2 = ob2 != Py_None ? n : -1;
+    if (ib2 >= 0) objs[n] = ob2, names[n] = "bias 2", sizes[n++] = (Py_ssize_t)C * 4;
+    objs[n] = oy, names[n] = "out", sizes[n++] = (Py_ssize_t)B * T * C * 4;
+    Py_buffer b[7];
+    if (get_buffers("residual_block", objs, names, sizes, n, b) < 0) return NULL;
+    ConvJob job = {0};
+    job.prev = ctx > 0 ? b[0].buf : NULL;
+    job.x = b[ctx > 0].buf;
+    job.y = b[n - 1].buf;
+    job.conv[0] = (Conv){b[iw1].buf, ib1 >= 0 ? b[ib1].buf : NULL, C, H, K, 1, D};
+    job.conv[1] = (Conv){b[iw2].buf, ib2 >= 0 ? b[ib2].buf : NULL, H, C, 1, 1, 1};
+    job.stages = 2, job.ctx = ctx, job.T = T, job.T_out = T, job.act = 1;
+    job.block_rows = block_rows_for(C, ctx + 1, 1, H);
+    const int rc = run_conv(job, (long)B * T, 2L * B * T * (K * C * H + H * C), threads);
+    release_buffers(b, n);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+#endif
+}
+
 static PyObject *available(PyObject *self, PyObject *noargs) {
 #if HAVE_KERNEL
     return PyBool_FromLong(cpu_ok());
@@ -375,6 +838,8 @@ static PyObject *available(PyObject *self, PyObject *noargs) {
 static PyMethodDef methods[] = {
     {"quantized_matmul", quantized_matmul, METH_VARARGS, "y = x · dequantize(w)^T for up to 8 rows of x"},
     {"attend_int8", attend_int8, METH_VARARGS, "one query's attention over an int8 KV cache, per head"},
+    {"conv1d", conv1d, METH_VARARGS, "causal convolution of context + input, with optional ELU on the input"},
+    {"residual_block", residual_block, METH_VARARGS, "SEANet residual block: x + conv_k1(elu(conv_k(elu(x))))"},
     {"available", available, METH_NOARGS, "whether this CPU runs the kernel (x86-64 with AVX2 and FMA)"},
     {NULL, NULL, 0, NULL},
 };
