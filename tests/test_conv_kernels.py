@@ -152,6 +152,8 @@ np.save(sys.argv[1], np.array(layer(mx.random.normal((1, 200, 70)), elu_input=Tr
 
 
 def test_avx2_and_avx512_tiles_give_identical_bits(kernels, tmp_path):
+    """Same FMAs in the same order per output lane. (On a CPU without AVX-512 both runs use
+    AVX2, and this only checks that results are reproducible across processes.)"""
     outs = []
     for flag in ("0", "1"):
         path = tmp_path / f"isa{flag}.npy"
