@@ -55,12 +55,17 @@ class ResidualVectorQuantizer(nn.Module):
         chosen on ‖r − c‖² computed directly, as accurate as float32 allows.
         """
         approx = half_norms - r @ cb.T  # [B, T, bins]
-        # Exact ties go to the lowest index, as torch's argmin does (it matters for untrained,
-        # all-equal codebooks): argmin (first occurrence) joins the shortlist, which is sorted.
-        cand = mx.concatenate([mx.argmin(approx, axis=-1, keepdims=True).astype(mx.uint32),
-                               mx.argpartition(approx, kth=shortlist - 1, axis=-1)[..., :shortlist]], axis=-1)
-        cand = mx.sort(cand, axis=-1)
-        exact = mx.square(r[..., None, :] - cb[cand]).sum(-1)  # [B, T, shortlist + 1]
+        # The `shortlist` smallest, by repeated argmin (2x faster than argpartition on MLX's
+        # CPU backend). Exact ties go to the lowest index, as torch's argmin does (it matters
+        # for untrained, all-equal codebooks): argmin takes the first occurrence, and the
+        # shortlist is sorted before the final argmin.
+        picks = []
+        for i in range(shortlist):
+            picks.append(mx.argmin(approx, axis=-1, keepdims=True))
+            if i + 1 < shortlist:
+                approx = mx.put_along_axis(approx, picks[-1], mx.array(mx.inf, dtype=approx.dtype), axis=-1)
+        cand = mx.sort(mx.concatenate(picks, axis=-1), axis=-1)
+        exact = mx.square(r[..., None, :] - cb[cand]).sum(-1)  # [B, T, shortlist]
         return mx.take_along_axis(cand, mx.argmin(exact, axis=-1)[..., None], axis=-1)[..., 0]
 
     def decode(self, codes: mx.array) -> mx.array:
