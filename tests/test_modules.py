@@ -117,3 +117,23 @@ def test_transformer_exact_blocks_equal_full_attention():
     tr.start_streaming()
     steps = mx.concatenate([tr.step(x[:, i:i + 1]) for i in range(300)], axis=1)
     np.testing.assert_allclose(np.array(steps), np.array(full), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])  # bf16: MLX's fused kernel (Metal's path)
+def test_attention_matches_float64_softmax(dtype):
+    """Both branches of transformer.attention against a float64 reference, with a sliding
+    causal mask whose first rows see a single key."""
+    from moshi_mlx.modules.transformer import _attention_mask, attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 3, n, 16)) for n in (20, 20, 20))
+    pos = np.arange(20)
+    mask = _attention_mask(pos, pos, 5)
+    scores = np.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+    scores = np.where(np.array(mask), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v)
+    got = attention(*(mx.array(a.astype(np.float32)).astype(dtype) for a in (q, k, v)), 0.25, mask)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == mx.float32 else 3e-2
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), want, rtol=tol, atol=tol)

@@ -239,7 +239,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     layer). Elsewhere (Metal) the fused kernel.
     """
     if mx.default_device() != mx.cpu or q.dtype != mx.float32:
-        return attention(q, k, v, scale, mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if mask is not None:
         scores = mx.where(mask, scores, -mx.inf)
