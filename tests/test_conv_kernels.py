@@ -192,3 +192,14 @@ def test_mimi_with_and_without_kernels_agree(kernels, monkeypatch, mlx_mimi, spe
     err = np.linalg.norm(a - b) / np.linalg.norm(b)
     print(f"\ncodes equal {same:.4f}, audio relative L2 {err:.1e}")
     assert same >= 0.99 and err < 1e-5
+
+
+def test_prepared_weights_follow_reloaded_parameters():
+    """Derived layouts (the kernel's packing, polyphase taps) are remade when a parameter is
+    replaced, as `load_weights` does after a first call."""
+    x = mx.random.normal((1, 8, 4))
+    for layer in (StreamingConv1d(4, 4, 3), StreamingConvTranspose1d(4, 4, 4, 2),
+                  StreamingConvTranspose1d(4, 4, 4, 2, groups=4)):
+        before = np.array(layer(x))
+        layer.load_weights([("weight", 2 * layer.weight)], strict=False)  # bias is zero
+        np.testing.assert_allclose(np.array(layer(x)), 2 * before, rtol=1e-5, atol=1e-6)

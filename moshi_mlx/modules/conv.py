@@ -214,7 +214,8 @@ class StreamingConvTranspose1d(nn.Module):
         if bias:
             self.bias = mx.zeros((out_channels,))
         self.stream_state: ConvState | None = None
-        self._prepared: ConvWeight | None = None
+        self._prepared: ConvWeight | None = None  # groups = 1
+        self._taps: tuple[mx.array, mx.array] | None = None  # depthwise: (source weight, polyphase taps)
 
     def _polyphase(self) -> mx.array:
         """[C_in, K(, C_out)] → per tap i (input frame u − m + 1 + i) and phase s: the weight
@@ -244,7 +245,9 @@ class StreamingConvTranspose1d(nn.Module):
             x = x if previous is None else mx.concatenate([previous, x], axis=1)
             if elu_input:
                 x = elu(x)
-            p = self._polyphase()  # [m, S, C]
+            if self._taps is None or self._taps[0] is not self.weight:
+                self._taps = (self.weight, mx.contiguous(self._polyphase()))  # [m, S, C]
+            p = self._taps[1]
             y = x[:, 0:T, None, :] * p[0]
             for i in range(1, m):
                 y = y + x[:, i:i + T, None, :] * p[i]  # [B, T, S, C]
