@@ -216,6 +216,7 @@ class StreamingConvTranspose1d(nn.Module):
         self.stream_state: ConvState | None = None
         self._prepared: ConvWeight | None = None  # groups = 1
         self._taps: tuple[mx.array, mx.array] | None = None  # depthwise: (source weight, polyphase taps)
+        self._phase_bias: tuple[mx.array, mx.array] | None = None  # (source bias, bias per (phase, channel))
 
     def _polyphase(self) -> mx.array:
         """[C_in, K(, C_out)] → per tap i (input frame u − m + 1 + i) and phase s: the weight
@@ -253,7 +254,11 @@ class StreamingConvTranspose1d(nn.Module):
                 y = y + x[:, i:i + T, None, :] * p[i]  # [B, T, S, C]
             y = y.reshape(B, T * S, -1)
             return (y + bias if bias is not None else y), state
-        y = valid_conv(previous, x, self._conv_weight(), 1, 1, None if bias is None else mx.tile(bias, S), elu_input)
+        if bias is not None:  # one bias per output (phase, channel), made once per parameter
+            if self._phase_bias is None or self._phase_bias[0] is not bias:
+                self._phase_bias = (bias, mx.tile(bias, S))
+            bias = self._phase_bias[1]
+        y = valid_conv(previous, x, self._conv_weight(), 1, 1, bias, elu_input)
         return y.reshape(B, T * S, self.out_channels), state
 
     def __call__(self, x: mx.array, elu_input: bool = False) -> mx.array:
