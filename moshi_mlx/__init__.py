@@ -1,11 +1,11 @@
 """moshi_mlx: Kyutai's Mimi codec and Moshi speech-text model on Apple MLX."""
-# Must run before anything imports mlx.core (see _blas.py for why).
-from ._blas import preload_blas as _preload_blas
+# Must run before anything imports mlx.core (see cpu/blas.py for why).
+from .cpu.blas import preload_blas as _preload_blas
 
 _preload_blas()
 
-__all__ = ["MimiConfig", "MimiModel", "LmConfig", "LMModel", "LMGen", "MoshiForConditionalGeneration",
-           "MoshiForCausalLM", "TextTokenizer"]
+__all__ = ["MimiConfig", "MimiModel", "LmConfig", "LMModel", "LMGen", "DuplexSession", "Sampler",
+           "MoshiForConditionalGeneration", "MoshiForCausalLM", "TextTokenizer", "load"]
 __version__ = "0.1.0"
 
 # Public classes are imported on first use, so `import moshi_mlx` (e.g. by a benchmark
@@ -15,7 +15,10 @@ _LAZY = {
     "MimiModel": "moshi_mlx.models.mimi",
     "LmConfig": "moshi_mlx.models.lm",
     "LMModel": "moshi_mlx.models.lm",
-    "LMGen": "moshi_mlx.generate",
+    "LMGen": "moshi_mlx.sessions.lmgen",
+    "DuplexSession": "moshi_mlx.sessions.duplex",
+    "Sampler": "moshi_mlx.modules.sampling",
+    "load": "moshi_mlx.models.loading",
     "MoshiForConditionalGeneration": "moshi_mlx.models.moshi",
     "MoshiForCausalLM": "moshi_mlx.models.moshi",
     "TextTokenizer": "moshi_mlx.tokenizer",

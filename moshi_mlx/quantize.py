@@ -16,7 +16,7 @@ MOSHI_MLX_DTYPE=float32|bfloat16|float16 overrides.
 
 On the CPU backend MLX's quantized matmul is scalar code on one thread (~1.4 G weights/s).
 QuantizedLinear here uses, for the few-row products of token-by-token decoding, a small
-AVX2 kernel (_cpu_kernels.c: same arithmetic, threaded, at memory speed; x86-64 only,
+AVX2 kernel (moshi_mlx/cpu: same arithmetic, threaded, at memory speed; x86-64 only,
 MOSHI_MLX_CPU_KERNELS=0 turns it off); larger products (prefill) have their output rows
 split across one MLX stream per core, which run in parallel.
 """
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_map_with_path
 
-from .kernels import cpu_kernels, cpu_threads
+from .cpu import kernels as cpu
+from .errors import InputError
 
 DEFAULT_GROUP_SIZE = {4: 32, 8: 64}
 
@@ -64,10 +64,10 @@ class QuantizationSpec:
     @classmethod
     def make(cls, bits: int, group_size: int | None = None) -> "QuantizationSpec":
         if bits not in (2, 3, 4, 6, 8):
-            raise ValueError(f"quantization bits must be 2, 3, 4, 6 or 8, got {bits}")
+            raise InputError(f"quantization bits must be 2, 3, 4, 6 or 8, got {bits}")
         group_size = group_size or DEFAULT_GROUP_SIZE.get(bits, 64)
         if group_size not in (32, 64, 128):
-            raise ValueError(f"quantization group size must be 32, 64 or 128, got {group_size}")
+            raise InputError(f"quantization group size must be 32, 64 or 128, got {group_size}")
         return cls(bits, group_size)
 
     def to_dict(self) -> dict:
@@ -80,12 +80,9 @@ _STREAMS: list[mx.Stream] = []
 def _cpu_streams() -> list[mx.Stream]:
     if not _STREAMS:
         _STREAMS.append(mx.default_stream(mx.cpu))
-        for _ in range(min(8, cpu_threads()) - 1):
+        for _ in range(min(8, cpu.threads()) - 1):
             _STREAMS.append(mx.new_stream(mx.cpu))
     return _STREAMS
-
-
-KERNEL_MAX_ROWS = 8
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -94,47 +91,30 @@ class QuantizedLinear(nn.QuantizedLinear):
     MIN_ROWS_PER_SHARD = 256
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self._use_kernel(x):
-            return self._kernel_matmul(x)
+        y = cpu.quantized_matmul(x, self.weight, self.scales, self.biases, self.bits, self.group_size)
+        if y is None:
+            y = self._mlx_matmul(x)
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+    def _mlx_matmul(self, x: mx.array) -> mx.array:
+        """MLX's quantized matmul; on the CPU backend its output rows split over one stream
+        per core (MLX's CPU kernel runs on one thread)."""
         streams = _cpu_streams() if mx.default_device() == mx.cpu else []
         rows = self.weight.shape[0]
         n = min(len(streams), rows // self.MIN_ROWS_PER_SHARD)
+        kw = dict(transpose=True, group_size=self.group_size, bits=self.bits)
         if n <= 1:
-            return super().__call__(x)
+            return mx.quantized_matmul(x, self.weight, scales=self.scales, biases=self.biases, **kw)
         bounds = [rows * i // n for i in range(n + 1)]
         outs = []
         for i, stream in enumerate(streams[:n]):
             lo, hi = bounds[i], bounds[i + 1]
             with mx.stream(stream):
-                outs.append(mx.quantized_matmul(
-                    x, self.weight[lo:hi], scales=self.scales[lo:hi], biases=self.biases[lo:hi],
-                    transpose=True, group_size=self.group_size, bits=self.bits))
-        y = mx.concatenate(outs, axis=-1)
-        if "bias" in self:
-            y = y + self.bias
-        return y
-
-    def _use_kernel(self, x: mx.array) -> bool:
-        return (x.dtype == mx.float32 and self.bits in (4, 8) and self.group_size % 32 == 0
-                and self.scales.dtype in (mx.bfloat16, mx.float32) and self.biases.dtype == self.scales.dtype
-                and 1 <= x.size // max(1, x.shape[-1]) <= KERNEL_MAX_ROWS
-                and mx.default_device() == mx.cpu and cpu_kernels() is not None)
-
-    def _kernel_matmul(self, x: mx.array) -> mx.array:
-        # The kernel reads MLX buffers in place, so its inputs must be evaluated: this call
-        # is a synchronisation point (cheap next to a weight matrix's worth of memory).
-        N, K = self.weight.shape[0], x.shape[-1]
-        rows = x.size // K
-        x2 = mx.contiguous(x.reshape(rows, K))
-        mx.eval(x2, self.weight, self.scales, self.biases)
-        out = np.empty((rows, N), np.float32)
-        bf16 = self.scales.dtype == mx.bfloat16
-        cpu_kernels().quantized_matmul(x2, self.weight, self.scales, self.biases, out, rows, N, K, self.bits,
-                                       self.group_size, int(bf16), cpu_threads())
-        y = mx.array(out).reshape(*x.shape[:-1], N)
-        if "bias" in self:
-            y = y + self.bias
-        return y
+                outs.append(mx.quantized_matmul(x, self.weight[lo:hi], scales=self.scales[lo:hi],
+                                                biases=self.biases[lo:hi], **kw))
+        return mx.concatenate(outs, axis=-1)
 
 
 def _quantizable(module: nn.Module, spec: QuantizationSpec) -> bool:
@@ -143,11 +123,14 @@ def _quantizable(module: nn.Module, spec: QuantizationSpec) -> bool:
     return module.weight.shape[-1] % spec.group_size == 0
 
 
-def quantize_model(model: nn.Module, spec: QuantizationSpec) -> nn.Module:
-    """Replace quantizable layers in place (lazily: nothing is evaluated here)."""
+def quantize_model(model: nn.Module, spec: QuantizationSpec, modules: frozenset[str] | None = None) -> nn.Module:
+    """Replace quantizable layers in place (lazily: nothing is evaluated here). `modules`:
+    exactly these layer paths (what a quantized file holds), instead of the default rule."""
 
-    def convert(_path: str, m: nn.Module):
-        if not _quantizable(m, spec):
+    def convert(path: str, m: nn.Module):
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            return m
+        if (path not in modules) if modules is not None else not _quantizable(m, spec):
             return m
         if isinstance(m, nn.Embedding):
             q = nn.QuantizedEmbedding.from_embedding(m, spec.group_size, spec.bits)

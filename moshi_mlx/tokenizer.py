@@ -34,7 +34,7 @@ class TextTokenizer:
         """From a directory or repo: `name`, else the config's `tokenizer_name`, else Kyutai's."""
         import json
 
-        from .hub import list_files, resolve_file
+        from .checkpoints.hub import list_files, resolve_file
 
         if name is None:
             files = list_files(source, revision)

@@ -1,28 +1,154 @@
 """Shared fixtures: real speech, and random-weight reference models saved in release layouts.
 
-The references (torch, Kyutai's moshi, transformers) are required: if one is missing the
-fixtures fail loudly instead of skipping (the README's test command installs them).
+The references (torch, Kyutai's moshi, transformers) are required by the `reference` tier: if
+one is missing its fixtures fail loudly instead of skipping (the README's test command
+installs them). Nothing here imports them at import time, so the fast tier runs without them:
+
+    pytest -m "not reference and not devices"
+
+Markers (registered in pyproject.toml): `reference` (needs torch/moshi/transformers),
+`devices` (needs PulseAudio and audio devices), `slow`. Besides the marks written in the test
+modules, a test is marked `reference` here when it uses a fixture built from the references
+(REFERENCE_FIXTURES, directly or through other fixtures), imports them in its body, or when
+its module imports them at module level (such a module cannot even be imported without
+them). When `-m` deselects `reference`, those modules are not imported at all.
 """
 from __future__ import annotations
+
+import ast
+import functools
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import moshi_mlx  # noqa: F401  - loads the optimized BLAS before anything imports mlx.core
-import reference as R
+
+# Fixtures that build models with the PyTorch references.
+REFERENCE_FIXTURES = frozenset({"kyutai_mimi", "mlx_mimi", "chat_model_dir"})
+# Top-level imports that make a test module part of the reference tier.
+REFERENCE_MODULES = frozenset({"torch", "moshi", "transformers", "reference"})
+TESTS = Path(__file__).resolve().parent
+
+
+@functools.lru_cache(maxsize=None)
+def imports_references(path: Path) -> bool:
+    """Whether the module at `path` imports the references at module level, itself or through
+    another test module it imports (e.g. `from test_lm_parity import check_logits`)."""
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except (OSError, SyntaxError):
+        return False
+    for node in tree.body:  # module level only: imports inside functions are fixtures' business
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top in REFERENCE_MODULES:
+                return True
+            sibling = TESTS / f"{top}.py"
+            if top.startswith("test_") and sibling.exists() and sibling != path and imports_references(sibling):
+                return True
+    return False
+
+
+_IDENT = re.compile(r"(?:\w|:|\+|-|\.|\[|\]|\\|/)+")
+
+
+def _markexpr_excludes_reference(markexpr: str) -> bool:
+    """True when `-m markexpr` deselects every test marked `reference`, whatever its other marks."""
+    if not markexpr:
+        return False
+    try:
+        from _pytest.mark.expression import Expression
+
+        expr = Expression.compile(markexpr)
+    except Exception:  # noqa: BLE001 - pytest internals; when in doubt, collect everything
+        return False
+    others = sorted({n for n in _IDENT.findall(markexpr) if n not in ("and", "or", "not", "reference")})
+    if len(others) > 10:
+        return False
+    for bits in range(2 ** len(others)):
+        true = {"reference"} | {n for i, n in enumerate(others) if bits >> i & 1}
+        if expr.evaluate(lambda name, *args, **kwargs: name in true):
+            return False
+    return True
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    """Do not import reference-tier modules when they would be deselected anyway (without
+    torch they could not be imported)."""
+    if (collection_path.suffix == ".py" and collection_path.name.startswith("test_")
+            and _markexpr_excludes_reference(config.option.markexpr) and imports_references(collection_path)):
+        return True
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _body_imports_references(function) -> bool:
+    """Whether a test function imports the references in its body (`from transformers import …`)."""
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in REFERENCE_MODULES for a in node.names):
+            return True
+        if (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                and node.module.split(".")[0] in REFERENCE_MODULES):
+            return True
+    return False
+
+
+def _needs_references(item) -> bool:
+    if REFERENCE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    module = getattr(item, "module", None)
+    if module is not None and getattr(module, "__file__", None) and imports_references(Path(module.__file__)):
+        return True
+    function = getattr(item, "function", None)
+    return function is not None and _body_imports_references(function)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _needs_references(item):
+            item.add_marker(pytest.mark.reference)
+
+
+def speech_pcm(seconds: float = 12.0) -> np.ndarray:
+    """Real read speech (../shared/audio/bria.mp3), mono 24 kHz float32, `seconds` long.
+    (The same as reference.speech_pcm, without importing torch.)"""
+    from moshi_mlx.audio import read_audio
+
+    path = TESTS.parents[1] / "shared" / "audio" / "bria.mp3"
+    if not path.exists():
+        raise FileNotFoundError(f"test audio missing: {path} (see ../shared/audio/README.md)")
+    pcm = read_audio(path, 24000).pcm
+    return pcm[: int(seconds * 24000)]
 
 
 @pytest.fixture(scope="session")
 def speech() -> np.ndarray:
     """12 s of real read speech at 24 kHz (150 Mimi frames: past the 250-step attention window)."""
-    return R.speech_pcm(12.0)
+    return speech_pcm(12.0)
 
 
 @pytest.fixture(scope="session")
 def kyutai_mimi(speech):
     """(reference torch model with all 32 codebooks active, path of its release-layout file)."""
     import tempfile
-    from pathlib import Path
+
+    import reference as R
 
     ref = R.random_kyutai_mimi(speech)
     ref.set_num_codebooks(32)
@@ -43,6 +169,7 @@ def chat_model_dir(tmp_path_factory, kyutai_mimi):
     import json
     import shutil
 
+    import reference as R
     import sentencepiece as spm
 
     d = tmp_path_factory.mktemp("chat-model")

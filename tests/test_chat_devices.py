@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+pytestmark = [pytest.mark.devices, pytest.mark.reference]
+
 
 
 @pytest.fixture(scope="module")

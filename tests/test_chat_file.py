@@ -10,8 +10,10 @@ import pytest
 import soundfile as sf
 
 import mlx.core as mx
-from moshi_mlx.generate import LMGen
+from moshi_mlx.sessions.lmgen import LMGen
 from moshi_mlx.models.moshi import MoshiForConditionalGeneration
+
+pytestmark = pytest.mark.reference
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,19 @@ def test_file_mode_is_timed_and_matches_lmgen_and_mimi(model_dir, speech, tmp_pa
     mimi = model.mimi
     gen = LMGen(model, temp=0, temp_text=0)
     gen.reset(1)
+    state = mimi.init_state(1)
     frames = -(-len(pcm) // 1920)
     padded = np.pad(pcm, (0, frames * 1920 - len(pcm)))
     want = np.zeros_like(padded)
     warmup = 0
     for i in range(frames):
-        codes = mimi.encode_step(mx.array(padded[None, None, i * 1920:(i + 1) * 1920]), num_quantizers=8)
+        codes, state = mimi.encode_step(mx.array(padded[None, None, i * 1920:(i + 1) * 1920]), state, num_quantizers=8)
         tokens = gen.step(np.array(codes)[:, :, 0])
         if tokens is None:
             warmup += 1
             continue
-        want[i * 1920:(i + 1) * 1920] = np.array(mimi.decode_step(mx.array(tokens[:, 1:, None].astype(np.int32))))[0, 0]
+        audio, state = mimi.decode_step(mx.array(tokens[:, 1:, None].astype(np.int32)), state)
+        want[i * 1920:(i + 1) * 1920] = np.array(audio)[0, 0]
     want = np.clip(want[: len(pcm)], -1, 1)
     assert warmup == 1  # Moshi's first frame is silence while the delays warm up: audio stays on the frame clock
     assert np.abs(out[:1920]).max() == 0

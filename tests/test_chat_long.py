@@ -3,12 +3,14 @@ flat memory: no step limit, rotating caches everywhere."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import mlx.core as mx
 import moshi_mlx
-from moshi_mlx.duplex import DuplexSession
 from moshi_mlx.models.lm import LmConfig, LMModel
-from moshi_mlx.models.moshi import MoshiForConditionalGeneration
+from moshi_mlx.sessions.duplex import DuplexSession
+
+pytestmark = pytest.mark.slow
 
 
 def rss_mb() -> float:
@@ -27,7 +29,7 @@ def test_ten_minute_session_memory_is_flat():
                    depformer_dim=16, depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=48)
     lm = LMModel(cfg)
     mx.eval(lm.parameters())
-    session = DuplexSession(MoshiForConditionalGeneration(lm), mimi=mimi, temp=0.8, temp_text=0.7, seed=0)
+    session = DuplexSession(lm, mimi, temp=0.8, temp_text=0.7, seed=0)
     frames = 10 * 60 * 25 // 2  # 10 minutes of 80 ms frames: 7500
     rng = np.random.default_rng(0)
     samples = []
@@ -37,6 +39,6 @@ def test_ten_minute_session_memory_is_flat():
         if i % 250 == 0:
             samples.append(rss_mb())
     assert session.stats.frames == frames
-    assert lm.transformer.stream_state.offset == frames  # 25 wraps of the LM's 300-step cache
+    assert session.gen.state.offset == frames  # 25 wraps of the LM's 300-step cache
     last_half = samples[len(samples) // 2:]
     assert max(last_half) <= 1.05 * min(last_half), samples

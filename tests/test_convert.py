@@ -20,6 +20,8 @@ from moshi_mlx.quantize import QuantizationSpec, quantize_model
 import reference as R
 from test_lm_parity import check_logits
 
+pytestmark = pytest.mark.reference
+
 
 def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -200,3 +202,24 @@ def test_cli_convert_q4(kyutai_src, tmp_path):
     cfg = json.loads((tmp_path / "q4" / "config.json").read_text())
     assert cfg["quantization"] == {"bits": 4, "group_size": 32}
     assert "model.q4.safetensors" in (tmp_path / "q4" / "README.md").read_text()
+
+
+def test_loader_reads_what_the_file_says(kyutai_src, tmp_path):
+    """What is quantized is read from the file: exactly the layers with `.scales` (here a file
+    whose text head was left in full precision), and the format marker is checked."""
+    from safetensors.numpy import load_file, save_file
+
+    _, src = kyutai_src
+    out = convert(src, tmp_path / "q8", quantize=True, q_bits=8, dtype="f32", progress=False)
+    f32 = convert(src, tmp_path / "f32", dtype="f32", progress=False)
+    state = load_file(str(out / "model.q8.safetensors"))
+    for k in ("text_linear.scales", "text_linear.biases"):
+        del state[k]
+    state["text_linear.weight"] = load_file(str(f32 / "model.safetensors"))["text_linear.weight"]
+    save_file(state, str(out / "model.q8.safetensors"))
+    lm = MoshiForConditionalGeneration.from_pretrained(out).lm
+    assert type(lm.text_linear).__name__ == "Linear" and "scales" in lm.transformer.layers[0].self_attn.in_proj
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "moshi_mlx_format": "moshi_mlx/9"}))
+    with pytest.raises(CheckpointError, match="format 'moshi_mlx/9'"):
+        MoshiForConditionalGeneration.from_pretrained(out)

@@ -20,6 +20,8 @@ from moshi_mlx.quantize import QuantizationSpec, quantize_model
 import reference as R
 from test_lm_parity import check_logits
 
+pytestmark = pytest.mark.reference
+
 ROOT = Path(__file__).resolve().parents[1]
 KYUTAI_PY = ROOT / ".venv-kyutai-mlx" / "bin" / "python"
 

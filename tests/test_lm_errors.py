@@ -8,10 +8,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from moshi_mlx.errors import CheckpointError, InputError
-from moshi_mlx.generate import LMGen
+from moshi_mlx.sessions.lmgen import LMGen
 from moshi_mlx.models.lm import LmConfig
 from moshi_mlx.models.moshi import MoshiForConditionalGeneration
 import reference as R
+
+pytestmark = pytest.mark.reference
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import mlx.core as mx
-from moshi_mlx.generate import LMGen
+from moshi_mlx.sessions.lmgen import LMGen
 from moshi_mlx.models.moshi import MoshiForConditionalGeneration
 import reference as R
+
+pytestmark = pytest.mark.reference
 
 
 def rel(a, b) -> float:

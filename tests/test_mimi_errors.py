@@ -26,12 +26,12 @@ def test_nan_audio(mlx_mimi):
     with pytest.raises(InputError, match="NaN or Inf"):
         mlx_mimi.encode(x)
     with pytest.raises(InputError, match="NaN or Inf"):
-        mlx_mimi.encode_step(x)
+        mlx_mimi.encode_step(x, mlx_mimi.init_state(1))
 
 
 def test_streaming_needs_whole_frames(mlx_mimi):
-    with mlx_mimi.streaming(), pytest.raises(InputError, match="multiple of 1920"):
-        mlx_mimi.encode_step(np.zeros((1, 1, 1000), np.float32))
+    with pytest.raises(InputError, match="multiple of 1920"):
+        mlx_mimi.encode_step(np.zeros((1, 1, 1000), np.float32), mlx_mimi.init_state(1))
 
 
 @pytest.mark.parametrize("n", [0, 33, -1, 2.5])

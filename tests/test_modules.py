@@ -11,8 +11,10 @@ import torch.nn.functional as F
 import mlx.core as mx
 from moshi_mlx.modules.activations import elu, gelu
 from moshi_mlx.modules.conv import StreamingConv1d, StreamingConvTranspose1d
-from moshi_mlx.modules.transformer import KVCache, Transformer, TransformerConfig
-from moshi_mlx.modules.streaming import reset_streaming
+from moshi_mlx.modules.kv_cache import KVCache
+from moshi_mlx.modules.transformer import Transformer, TransformerConfig
+
+pytestmark = pytest.mark.reference
 
 
 @pytest.mark.parametrize("name", ["elu", "gelu"])
@@ -55,8 +57,10 @@ def test_conv_matches_torch_batch_and_streaming(kernel, stride):
         got = np.array(conv(xm)).transpose(0, 2, 1)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         for chunk in (1, 3, 8):
-            reset_streaming(conv)
-            steps = [np.array(conv.step(xm[:, i:i + chunk * stride])) for i in range(0, frames * stride, chunk * stride)]
+            state, steps = None, []
+            for i in range(0, frames * stride, chunk * stride):
+                y, state = conv.step(xm[:, i:i + chunk * stride], state)
+                steps.append(np.array(y))
             np.testing.assert_allclose(np.concatenate(steps, 1).transpose(0, 2, 1), want, rtol=1e-5, atol=1e-5)
 
 
@@ -80,8 +84,10 @@ def test_transposed_conv_matches_torch_batch_and_streaming(kernel, stride, depth
     xm = mx.array(x.transpose(0, 2, 1))
     np.testing.assert_allclose(np.array(conv(xm)).transpose(0, 2, 1), want, rtol=1e-5, atol=1e-5)
     for chunk in (1, 3, 7):
-        reset_streaming(conv)
-        steps = [np.array(conv.step(xm[:, i:i + chunk])) for i in range(0, frames, chunk)]
+        state, steps = None, []
+        for i in range(0, frames, chunk):
+            y, state = conv.step(xm[:, i:i + chunk], state)
+            steps.append(np.array(y))
         np.testing.assert_allclose(np.concatenate(steps, 1).transpose(0, 2, 1), want, rtol=1e-5, atol=1e-5)
 
 
@@ -114,8 +120,8 @@ def test_transformer_exact_blocks_equal_full_attention():
         Transformer.BATCH_BLOCK = old
     np.testing.assert_allclose(np.array(blocked), np.array(full), rtol=1e-4, atol=1e-5)
     # and step-by-step streaming (ring of `context`) equals it too when one step at a time
-    tr.start_streaming()
-    steps = mx.concatenate([tr.step(x[:, i:i + 1]) for i in range(300)], axis=1)
+    state = tr.init_state()
+    steps = mx.concatenate([tr.step(x[:, i:i + 1], state)[0] for i in range(300)], axis=1)
     np.testing.assert_allclose(np.array(steps), np.array(full), rtol=1e-4, atol=1e-5)
 
 

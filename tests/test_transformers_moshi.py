@@ -9,6 +9,8 @@ from moshi_mlx.errors import InputError
 from moshi_mlx.models.moshi import MoshiForCausalLM, MoshiForConditionalGeneration
 import reference as R
 
+pytestmark = pytest.mark.reference
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -73,3 +75,30 @@ def test_causal_lm_greedy_matches(tmp_path):
         want = ref.generate(input_ids=ids, max_new_tokens=30, do_sample=False)
     got = ours.generate(ids.numpy(), max_new_tokens=30, do_sample=False)
     np.testing.assert_array_equal(np.array(got), want.numpy())
+
+
+@pytest.mark.parametrize("concat", [True, False])
+def test_audio_codes_are_transformers_frames(tiny, concat):
+    """`audio_codes` has transformers' shape and values with and without the initial frame
+    (concat_unconditional_inputs): no column of initial tokens (`card`, not a Mimi code), so
+    it decodes as is. With concat False, a prompt whose first frame is the initial frame
+    (get_unconditional_inputs) drops that frame too."""
+    ref, ours = tiny
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 100, (1, 3), generator=g)
+    user = torch.randint(0, 2048, (1, 8, 3), generator=g)
+    moshi = torch.randint(0, 2048, (1, 8, 3), generator=g)
+    if not concat:
+        unc = ours.get_unconditional_inputs(1)
+        ids = torch.cat([torch.from_numpy(np.array(unc["input_ids"])).long(), ids], 1)
+        user = torch.cat([torch.from_numpy(np.array(unc["user_audio_codes"])).long(), user], 2)
+        moshi = torch.cat([torch.from_numpy(np.array(unc["moshi_audio_codes"])).long(), moshi], 2)
+    kw = dict(max_new_tokens=6, do_sample=False, depth_decoder_do_sample=False, concat_unconditional_inputs=concat)
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, user_audio_codes=user, moshi_audio_codes=moshi, return_audio_codes=True,
+                            return_audio_waveforms=False, **kw).audio_codes.numpy()
+    got = np.array(ours.generate(input_ids=ids.numpy(), user_audio_codes=user.numpy(),
+                                 moshi_audio_codes=moshi.numpy(), return_audio_waveforms=False, **kw).audio_codes)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_array_equal(got, want)
+    assert got.max() < 2048  # Mimi codes only: decodable

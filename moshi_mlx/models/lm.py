@@ -7,14 +7,18 @@ Moshi's audio codebooks, the rest the user's. A token of −1 contributes nothin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..checkpoints import lm as lm_ckpt
 from ..config import ConfigMixin
-from ..modules.transformer import Transformer, TransformerConfig, make_norm
-from ..quantize import compute_dtype
+from ..errors import CheckpointError
+from ..modules.sampling import RandomKeys, Sampler
+from ..modules.transformer import Transformer, TransformerConfig, TransformerState, make_norm
+from ..quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model, scales_dtype
+from .base import assign
 
 ZERO_TOKEN = -1  # input token that contributes a zero embedding
 UNGENERATED_TOKEN = -2  # placeholder in LMGen's delay buffer
@@ -138,7 +142,9 @@ def embed(table: nn.Module, tokens: mx.array, dtype: mx.Dtype | None = None) -> 
 
 
 class LMModel(nn.Module):
-    """Parameter names mirror Kyutai's release keys (see weights.py for the few renames)."""
+    """Weights only; a stream's KV caches live in the `TransformerState` from `init_state()`
+    (held by the generation session). Parameter names mirror Kyutai's release keys (see
+    checkpoints/lm.py for the few renames)."""
 
     def __init__(self, config: LmConfig | None = None):
         super().__init__()
@@ -181,9 +187,15 @@ class LMModel(nn.Module):
         text logits [B, T, text_card])."""
         return self._text_head(self.transformer(self._embed_step_tokens(tokens)))
 
-    def step_text(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
-        """Streaming: one step's tokens [B, K, 1] → ([B, 1, dim], [B, 1, text_card])."""
-        return self._text_head(self.transformer.step(self._embed_step_tokens(tokens)))
+    def init_state(self, kv_bits: int | str | None = "auto") -> TransformerState:
+        """A fresh stream for the temporal transformer (its rotating KV caches; mlx-lm's
+        `make_cache()`). kv_bits: see Transformer.init_state."""
+        return self.transformer.init_state(kv_bits=kv_bits)
+
+    def step_text(self, tokens: mx.array, state: TransformerState) -> tuple[mx.array, mx.array]:
+        """Streaming: one step's tokens [B, K, 1] after `state` → ([B, 1, dim], [B, 1,
+        text_card]); `state` is updated in place."""
+        return self._text_head(self.transformer.step(self._embed_step_tokens(tokens), state)[0])
 
     # -- depformer -------------------------------------------------------------------------------
     def _depformer_input(self, cb: int, prev_tokens: mx.array, transformer_out: mx.array) -> mx.array:
@@ -207,18 +219,87 @@ class LMModel(nn.Module):
         y = self.depformer(x).reshape(B, T, dep_q, -1)
         return mx.stack([self.linears[cb](y[:, :, cb]) for cb in range(dep_q)], axis=1)
 
-    def depformer_step(self, cb: int, prev_token: mx.array, transformer_out: mx.array) -> mx.array:
-        """Streaming depformer step `cb` (its state must be started for this frame):
+    def depformer_step(self, cb: int, prev_token: mx.array, transformer_out: mx.array,
+                       state: TransformerState) -> mx.array:
+        """Streaming depformer step `cb` of a frame (`state` from init_depformer_state):
         prev_token [B] (text token at cb 0), transformer_out [B, 1, dim] → logits [B, card]."""
         x = self._depformer_input(cb, prev_token[:, None], transformer_out)
-        return self.linears[cb](self.depformer.step(x))[:, 0]
+        return self.linears[cb](self.depformer.step(x, state)[0])[:, 0]
 
-    def start_depformer_frame(self) -> None:
-        """Fresh depformer state: its KV cache only ever holds the current frame's steps."""
-        self.depformer.start_streaming(capacity=self.config.dep_q)
+    def init_depformer_state(self) -> TransformerState:
+        """Fresh depformer state for one frame: its KV cache only ever holds that frame's steps."""
+        return self.depformer.init_state(capacity=self.config.dep_q)
+
+    def sample_audio(self, text: mx.array, transformer_out: mx.array, sampler: Sampler, keys: RandomKeys,
+                     guide: Callable[[mx.array], mx.array] | None = None) -> mx.array:
+        """The depformer loop of one frame: text [B] (this step's text token) and the
+        temporal output [B', 1, dim] → audio tokens [B, dep_q], each codebook sampled from
+        the depformer's logits given the previous one. With classifier-free guidance the
+        temporal output holds the conditioned and the null halves (B' = 2B): each step's
+        token is fed to both and `guide` mixes the halves' logits."""
+        state = self.init_depformer_state()
+        prev, tokens = text, []
+        for cb in range(self.config.dep_q):
+            inp = mx.concatenate([prev, prev]) if guide is not None else prev
+            logits = self.depformer_step(cb, inp, transformer_out, state)
+            prev = sampler(guide(logits) if guide is not None else logits, keys.next())
+            tokens.append(prev)
+        return mx.stack(tokens, axis=1)
 
     def initial_tokens(self, batch: int) -> mx.array:
         """[B, K, 1]: text_card for text (the start token), card for every audio stream."""
         cfg = self.config
         tok = [cfg.text_card] + [cfg.card] * cfg.n_q
         return mx.broadcast_to(mx.array(tok, mx.int32)[None, :, None], (batch, cfg.num_codebooks, 1))
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+def layout_params(cfg: LmConfig) -> lm_ckpt.LmLayoutParams:
+    """What the checkpoint mappings need to know of this config."""
+    dep = cfg.depformer()
+    sets = tuple(dep.weight_set(i) for i in range(cfg.dep_q)) if cfg.depformer_weights_per_step and cfg.dep_q else None
+    return lm_ckpt.LmLayoutParams(cfg.num_heads, sets)
+
+
+def lm_config(ckpt: lm_ckpt.LmCheckpoint) -> LmConfig:
+    """The LM config a checkpoint describes, or a one-line error naming the file."""
+    try:
+        return LmConfig.from_dict(ckpt.config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{ckpt.source}: bad LM config: {e}") from None
+
+
+def lm_from_checkpoint(ckpt: lm_ckpt.LmCheckpoint, dtype: mx.Dtype | None = None, quantize: int | None = None,
+                       group_size: int | None = None, evaluate: bool = True,
+                       extra: dict[str, mx.array] | None = None) -> LMModel:
+    """Build the LM: strict assignment, then quantization (the file's, or `quantize` bits
+    for a full-precision file), then the compute dtype; evaluated layer by layer, so a 7B
+    model is never materialized at full precision. evaluate=False keeps it lazy (convert).
+    `extra`: deltas added to named weights before quantizing (LoRA)."""
+    cfg = lm_config(ckpt)
+    model = LMModel(cfg)
+    weights = ckpt.weights(layout_params(cfg))
+    file_q = ckpt.quantization(weights)
+    if file_q is not None:
+        if quantize and (quantize, group_size or file_q.group_size) != (file_q.bits, file_q.group_size):
+            raise CheckpointError(f"{ckpt.source} is already quantized to {file_q.bits} bits (group "
+                                  f"{file_q.group_size}); convert the original to change the quantization")
+        quantize_model(model, QuantizationSpec.make(file_q.bits, file_q.group_size), modules=file_q.modules)
+        sd = scales_dtype(file_q.bits)
+        weights = {k: v.astype(sd) if k.endswith((".scales", ".biases")) else v for k, v in weights.items()}
+    for name, delta in (extra or {}).items():
+        if name not in weights:
+            raise CheckpointError(f"{name} has no base weight in {ckpt.source}")
+        if tuple(weights[name].shape) != tuple(delta.shape):
+            raise CheckpointError(f"{name}: delta shape {list(delta.shape)} != base shape {list(weights[name].shape)}")
+        weights[name] = weights[name].astype(mx.float32) + delta
+    assign(model, weights, ckpt.source, evaluate=False)
+    if quantize and file_q is None:
+        spec = QuantizationSpec.make(quantize, group_size)
+        cast_floating(model, mx.float32)  # quantize from float32, whatever the file's dtype (lazy)
+        quantize_model(model, spec)
+    cast_floating(model, dtype or compute_dtype())
+    if evaluate:
+        eval_by_layer(model)
+    return model

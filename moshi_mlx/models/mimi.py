@@ -5,24 +5,25 @@ mirrors transformers' `MimiModel` (arrays in its layouts: audio [B, 1, L], codes
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..checkpoints import mimi as mimi_ckpt
+from ..checkpoints.lm import LmCheckpoint
 from ..config import ConfigMixin
-from ..errors import InputError
-from ..modules.conv import StreamingConv1d, StreamingConvTranspose1d
+from ..errors import CheckpointError, InputError
+from ..modules.conv import ConvState, StreamingConv1d, StreamingConvTranspose1d
 from ..modules.rvq import SplitResidualVectorQuantizer
-from ..modules.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder
-from ..modules.streaming import reset_streaming, scratch_state
-from ..modules.transformer import Transformer, TransformerConfig
+from ..modules.seanet import SEANetConfig, SEANetDecoder, SEANetEncoder, SEANetState
+from ..modules.transformer import Transformer, TransformerConfig, TransformerState
+from .base import assign
 
 
 @dataclass
@@ -155,6 +156,21 @@ class MimiOutput:
     audio_values: mx.array
 
 
+@dataclass
+class MimiState:
+    """One stream's state (made by `MimiModel.init_state`): the encoder's and the decoder's
+    halves are independent (a transcription only ever uses the first). Updated in place by
+    `encode_step` / `decode_step`, which also return it."""
+
+    batch_size: int
+    encoder: SEANetState
+    encoder_transformer: TransformerState
+    downsample: ConvState | None
+    upsample: ConvState | None
+    decoder_transformer: TransformerState
+    decoder: SEANetState
+
+
 def _as_array(x: Any, what: str) -> mx.array:
     if isinstance(x, mx.array):
         return x
@@ -165,8 +181,10 @@ def _as_array(x: Any, what: str) -> mx.array:
 
 
 class MimiModel(nn.Module):
-    """Mimi codec. Batch: `encode`, `decode`, `__call__`. Streaming: `encode_step`,
-    `decode_step` with explicit state (`reset_state()`, or `with model.streaming():`)."""
+    """Mimi codec, weights only. Batch: `encode`, `decode`, `__call__`. Streaming, with
+    explicit state: `state = mimi.init_state(batch)`, `codes, state = mimi.encode_step(pcm,
+    state)`, `pcm, state = mimi.decode_step(codes, state)`; one model serves any number of
+    streams."""
 
     def __init__(self, config: MimiConfig | None = None):
         super().__init__()
@@ -195,9 +213,26 @@ class MimiModel(nn.Module):
                         dtype: mx.Dtype = mx.float32) -> "MimiModel":
         """A local weights file, a local directory, or a Hugging Face repo id (Kyutai's
         release file or the transformers layout)."""
-        from ..weights import load_mimi
+        return cls.from_checkpoint(mimi_ckpt.read(path_or_repo_id, revision), dtype)
 
-        return load_mimi(path_or_repo_id, revision=revision, dtype=dtype)
+    @classmethod
+    def from_checkpoint(cls, ckpt: mimi_ckpt.MimiCheckpoint, dtype: mx.Dtype = mx.float32) -> "MimiModel":
+        try:
+            config = MimiConfig.from_dict(ckpt.config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.source}: bad Mimi config: {e}") from None
+        model = cls(config)
+        assign(model, ckpt.weights, ckpt.source, dtype)
+        return model
+
+    @classmethod
+    def for_lm(cls, lm: "LmCheckpoint", revision: str | None = None) -> "MimiModel":
+        """The Mimi that goes with an LM checkpoint: embedded (transformers layout) or
+        beside it (Kyutai's repos, converted directories)."""
+        embedded = lm.embedded_mimi()
+        if embedded is not None:
+            return cls.from_checkpoint(embedded)
+        return cls.from_pretrained(lm.home, revision=revision)
 
     @property
     def frame_size(self) -> int:
@@ -209,6 +244,10 @@ class MimiModel(nn.Module):
 
     # -- validation -------------------------------------------------------------------
     def _check_audio(self, x: Any, streaming: bool) -> mx.array:
+        """Shape and dtype always (metadata: free); values (NaN/Inf) in batch calls, and in
+        streaming only for host (numpy) input, so a stream of mx arrays never waits on a
+        host synchronisation per frame."""
+        host = x if isinstance(x, np.ndarray) else None
         x = _as_array(x, "input_values")
         if x.ndim != 3 or x.shape[1] != self.config.audio_channels:
             raise InputError(f"input_values must have shape [batch, {self.config.audio_channels}, samples], "
@@ -220,7 +259,11 @@ class MimiModel(nn.Module):
         if streaming and x.shape[2] % self.frame_size:
             raise InputError(f"encode_step needs a multiple of {self.frame_size} samples per call "
                              f"(got {x.shape[2]}): buffer the audio into {self.frame_size}-sample frames")
-        if not mx.all(mx.isfinite(x)).item():
+        if host is not None:
+            finite = bool(np.isfinite(host).all()) if np.issubdtype(host.dtype, np.floating) else True
+        else:
+            finite = True if streaming else mx.all(mx.isfinite(x)).item()
+        if not finite:
             raise InputError("input_values contains NaN or Inf samples")
         return x.astype(mx.float32)
 
@@ -232,13 +275,19 @@ class MimiModel(nn.Module):
             raise InputError(f"num_quantizers must be an integer in [1, {total}], got {n!r}")
         return int(n)
 
-    def _check_codes(self, codes: Any) -> mx.array:
+    def _check_codes(self, codes: Any, streaming: bool = False) -> mx.array:
+        """Shape always; values in batch calls and for host (numpy) input (see _check_audio)."""
+        host = codes if isinstance(codes, np.ndarray) else None
         codes = _as_array(codes, "audio_codes")
         total, card = self.config.num_quantizers, self.config.codebook_size
         if codes.ndim != 3 or not 1 <= codes.shape[1] <= total:
             raise InputError(f"audio_codes must have shape [batch, n (1..{total}), frames], got {list(codes.shape)}")
         if codes.shape[0] == 0 or codes.shape[2] == 0:
             raise InputError(f"audio_codes is empty (shape {list(codes.shape)})")
+        if streaming and host is None:
+            if mx.issubdtype(codes.dtype, mx.floating):
+                raise InputError(f"audio_codes must be integers, got dtype {codes.dtype}")
+            return codes.astype(mx.int32)
         if mx.issubdtype(codes.dtype, mx.floating):
             if not mx.all(codes == mx.floor(codes)).item():
                 raise InputError("audio_codes must be integers")
@@ -248,7 +297,7 @@ class MimiModel(nn.Module):
         return codes.astype(mx.int32)
 
     # -- batch ------------------------------------------------------------------------------
-    # Batch calls run as exact streaming over segments (see `streaming(exact=True)`): the
+    # Batch calls run as exact streaming over segments (see `init_state(exact=True)`): the
     # result equals one whole-sequence pass, memory is bounded by the segment, and a
     # progress callback can report each segment.
     SEGMENT_FRAMES = 64
@@ -263,20 +312,20 @@ class MimiModel(nn.Module):
                   progress: Callable[[int, int], None] | None) -> mx.array:
         """Apply the streaming `fn` to x [..., T·per_frame] segment by segment, exactly."""
         total = x.shape[-1] // per_frame
+        state = self.init_state(x.shape[0], exact=True)
         outs = []
-        with scratch_state(self), self._exact_streaming():
-            for start in range(0, total, self.SEGMENT_FRAMES):
-                stop = min(total, start + self.SEGMENT_FRAMES)
-                outs.append(fn(x[..., start * per_frame: stop * per_frame]))
-                mx.eval(outs[-1])
-                if progress is not None:
-                    progress(stop, total)
+        for start in range(0, total, self.SEGMENT_FRAMES):
+            stop = min(total, start + self.SEGMENT_FRAMES)
+            outs.append(fn(x[..., start * per_frame: stop * per_frame], state))
+            mx.eval(outs[-1])
+            if progress is not None:
+                progress(stop, total)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
     def encode_to_latent(self, input_values: Any) -> mx.array:
         """Unquantized latent [B, hidden_size, T] (what the quantizers see)."""
         x = self._pad_to_frames(self._check_audio(input_values, streaming=False))
-        return self._segments(x, lambda seg: self._latent(seg.transpose(0, 2, 1)).transpose(0, 2, 1),
+        return self._segments(x, lambda seg, st: self._latent(seg.transpose(0, 2, 1), st).transpose(0, 2, 1),
                               self.frame_size, None)
 
     def encode(self, input_values: Any, padding_mask: Any = None, num_quantizers: int | None = None,
@@ -291,7 +340,7 @@ class MimiModel(nn.Module):
         x = self._check_audio(input_values, streaming=False)
         if padding_mask is not None:
             self._check_padding_mask(padding_mask, x.shape[0], x.shape[2])
-        codes = self._segments(self._pad_to_frames(x), lambda seg: self._encode_frames(seg, n),
+        codes = self._segments(self._pad_to_frames(x), lambda seg, st: self._encode_frames(seg, n, st),
                                self.frame_size, progress)
         return MimiEncoderOutput(codes)
 
@@ -321,55 +370,57 @@ class MimiModel(nn.Module):
         return shape[-1]
 
     # -- the pipeline, one streaming step ----------------------------------------------------
-    def _latent(self, x: mx.array) -> mx.array:
+    def _latent(self, x: mx.array, st: MimiState) -> mx.array:
         """[B, L, 1] → pre-quantization latent [B, T, D] at the frame rate."""
-        return self.downsample.step(self.encoder_transformer.step(self.encoder.step(x)))
+        h, st.encoder = self.encoder.step(x, st.encoder)
+        h, st.encoder_transformer = self.encoder_transformer.step(h, st.encoder_transformer)
+        h, st.downsample = self.downsample.step(h, st.downsample)
+        return h
 
-    def _encode_frames(self, pcm: mx.array, n: int) -> mx.array:
+    def _encode_frames(self, pcm: mx.array, n: int, st: MimiState) -> mx.array:
         """[B, 1, 1920·k] → codes [B, n, k]."""
-        return self.quantizer.encode(self._latent(pcm.transpose(0, 2, 1)), n).transpose(0, 2, 1)
+        return self.quantizer.encode(self._latent(pcm.transpose(0, 2, 1), st), n).transpose(0, 2, 1)
 
-    def _decode_frames(self, codes: mx.array) -> mx.array:
+    def _decode_frames(self, codes: mx.array, st: MimiState) -> mx.array:
         """codes [B, n, k] → [B, 1, 1920·k]."""
-        h = self.upsample.step(self.quantizer.decode(codes.transpose(0, 2, 1)))
-        return self.decoder.step(self.decoder_transformer.step(h)).transpose(0, 2, 1)
+        h, st.upsample = self.upsample.step(self.quantizer.decode(codes.transpose(0, 2, 1)), st.upsample)
+        h, st.decoder_transformer = self.decoder_transformer.step(h, st.decoder_transformer)
+        h, st.decoder = self.decoder.step(h, st.decoder)
+        return h.transpose(0, 2, 1)
 
     # -- streaming --------------------------------------------------------------------------
-    def reset_state(self) -> None:
-        """Forget all streaming state (encoder and decoder)."""
-        reset_streaming(self)
-
-    @contextlib.contextmanager
-    def _exact_streaming(self) -> Iterator[None]:
-        steps = self.SEGMENT_FRAMES * self.upsample.stride
-        for tr in (self.encoder_transformer, self.decoder_transformer):
-            tr.start_streaming(exact_chunk=steps)
-        yield
-
-    @contextlib.contextmanager
-    def streaming(self, exact: bool = False) -> Iterator["MimiModel"]:
-        """`with mimi.streaming(): ...` starts and ends with a clean streaming state.
+    def init_state(self, batch_size: int = 1, exact: bool = False) -> MimiState:
+        """A fresh stream of `batch_size` items.
 
         exact=False (default) streams like Kyutai's reference: attention caches are rings of
         250 steps written before attending, so once full, the first query of a multi-step
         chunk sees one key less than in batch mode. exact=True keeps the extra keys, so any
-        chunking gives the batch result (what `encode`/`decode` use internally).
+        chunking (of up to SEGMENT_FRAMES frames per call) gives the batch result: that is
+        what the batch calls use.
         """
-        self.reset_state()
-        try:
-            if exact:
-                with self._exact_streaming():
-                    yield self
-            else:
-                yield self
-        finally:
-            self.reset_state()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        chunk = self.SEGMENT_FRAMES * self.upsample.stride if exact else None
+        return MimiState(batch_size, self.encoder.init_state(), self.encoder_transformer.init_state(chunk), None,
+                         None, self.decoder_transformer.init_state(chunk), self.decoder.init_state())
 
-    def encode_step(self, pcm: Any, num_quantizers: int | None = None) -> mx.array:
-        """pcm [B, 1, 1920·k] → codes [B, n, k]; continues from the previous call."""
+    def _check_batch(self, x: mx.array, state: MimiState, what: str) -> None:
+        if not isinstance(state, MimiState):
+            raise InputError(f"{what}: expected the state from mimi.init_state(), got {type(state).__name__}")
+        if x.shape[0] != state.batch_size:
+            raise InputError(f"{what}: batch of {x.shape[0]} for a stream of {state.batch_size} "
+                             "(made by mimi.init_state(batch_size))")
+
+    def encode_step(self, pcm: Any, state: MimiState, num_quantizers: int | None = None
+                    ) -> tuple[mx.array, MimiState]:
+        """pcm [B, 1, 1920·k] → (codes [B, n, k], state); continues the stream `state`."""
         n = self._check_num_quantizers(num_quantizers)
-        return self._encode_frames(self._check_audio(pcm, streaming=True), n)
+        x = self._check_audio(pcm, streaming=True)
+        self._check_batch(x, state, "encode_step")
+        return self._encode_frames(x, n, state), state
 
-    def decode_step(self, codes: Any) -> mx.array:
-        """codes [B, n, k] → pcm [B, 1, 1920·k]; continues from the previous call."""
-        return self._decode_frames(self._check_codes(codes))
+    def decode_step(self, codes: Any, state: MimiState) -> tuple[mx.array, MimiState]:
+        """codes [B, n, k] → (pcm [B, 1, 1920·k], state); continues the stream `state`."""
+        codes = self._check_codes(codes, streaming=True)
+        self._check_batch(codes, state, "decode_step")
+        return self._decode_frames(codes, state), state

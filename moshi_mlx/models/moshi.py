@@ -16,23 +16,23 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import InputError
-from ..modules.sampling import sample_token
+from ..modules.sampling import RandomKeys, Sampler
 from .lm import LmConfig, LMModel
 
 
 @dataclass
 class MoshiConditionalGenerationOutput:
     sequences: mx.array  # [B, L] text tokens, L = 1 (initial) + prompt + max_new_tokens
-    audio_codes: mx.array | None  # [B, dep_q, L − 2] Moshi's audio codes, undelayed
+    audio_codes: mx.array | None  # [B, dep_q, frames] Moshi's audio codes, undelayed (as transformers)
     audio_sequences: mx.array | None  # [B, 1, (L − 2) · 1920] decoded waveform
 
 
-def _sampling(do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None,
-              default_temp: float, default_k: int) -> tuple[float, int, float]:
+def _sampler(do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None,
+             default_temp: float, default_k: int) -> Sampler:
     if do_sample is False:
-        return 0.0, 0, 0.0
-    return (default_temp if temperature is None else temperature, default_k if top_k is None else top_k,
-            top_p or 0.0)
+        return Sampler()
+    return Sampler(default_temp if temperature is None else temperature, default_k if top_k is None else top_k,
+                   top_p or 0.0)
 
 
 class MoshiForConditionalGeneration:
@@ -42,13 +42,10 @@ class MoshiForConditionalGeneration:
     use from the same checkpoint directory or repo.
     """
 
-    def __init__(self, lm: LMModel, home: str | Path | None = None, raw_config: dict | None = None,
-                 mimi_state: dict | None = None):
+    def __init__(self, lm: LMModel, checkpoint=None, mimi=None):
         self.lm = lm
-        self.home = home
-        self.raw_config = raw_config or {}
-        self._mimi_state = mimi_state or {}
-        self._mimi = None
+        self.checkpoint = checkpoint  # checkpoints.lm.LmCheckpoint it came from, if any
+        self._mimi = mimi
 
     @property
     def config(self) -> LmConfig:
@@ -60,30 +57,26 @@ class MoshiForConditionalGeneration:
                         group_size: int | None = None) -> "MoshiForConditionalGeneration":
         """A Kyutai-style directory or repo (config.json with the LM kwargs and file names,
         or none: the 7B defaults and release file names), a transformers-layout directory,
-        a single weights file, or a repo id.
+        a single weights file, a `moshi-mlx convert` directory, or a repo id.
 
         quantize=4|8 quantizes while loading (group_size defaults: 32 for 4-bit, 64 for
         8-bit); dtype defaults to the backend's compute dtype (see quantize.compute_dtype).
         """
-        from ..weights import load_lm
+        from ..checkpoints import lm as lm_ckpt
+        from .lm import lm_from_checkpoint
 
-        loaded = load_lm(path_or_repo_id, revision=revision, dtype=dtype, quantize=quantize,
-                         group_size=group_size)
-        return cls(loaded.model, loaded.home, loaded.raw_config, loaded.mimi_state)
+        ckpt = lm_ckpt.read(path_or_repo_id, revision)
+        return cls(lm_from_checkpoint(ckpt, dtype, quantize, group_size), ckpt)
 
     @property
     def mimi(self):
         """The Mimi codec: embedded (transformers layout) or beside the LM (Kyutai layout)."""
         if self._mimi is None:
-            from ..weights import mimi_from_state
             from .mimi import MimiModel
 
-            if self._mimi_state:
-                self._mimi = mimi_from_state(self._mimi_state, "audio_encoder.",
-                                             self.raw_config.get("audio_encoder_config"))
-                self._mimi_state = {}
-            else:
-                self._mimi = MimiModel.from_pretrained(self.home)
+            if self.checkpoint is None:
+                raise InputError("this model was built in memory: pass its Mimi explicitly")
+            self._mimi = MimiModel.for_lm(self.checkpoint)
         return self._mimi
 
     # -- transformers-style generation -----------------------------------------------------------
@@ -134,11 +127,12 @@ class MoshiForConditionalGeneration:
         given = [x is not None for x in (text, user, moshi)]
         if any(given) and not all(given):
             raise InputError("input_ids, user audio and moshi audio must be given together (or none of them)")
-        if not any(given):
+        if not any(given):  # the prompt is the initial frame alone
             unc = self.get_unconditional_inputs(1)
             text, user, moshi = (np.asarray(unc[k]).astype(np.int64)
                                  for k in ("input_ids", "user_audio_codes", "moshi_audio_codes"))
-            concat_unconditional_inputs = False
+            concat_unconditional_inputs = True
+            text, user, moshi = text[:, :0], user[:, :, :0], moshi[:, :, :0]
         if text.ndim != 2:
             raise InputError(f"input_ids must be [batch, steps], got {list(text.shape)}")
         if not (text.shape[1] == user.shape[2] == moshi.shape[2]) or not (text.shape[0] == user.shape[0] == moshi.shape[0]):
@@ -147,6 +141,8 @@ class MoshiForConditionalGeneration:
         if max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         B = text.shape[0]
+        # transformers returns Moshi's audio without the initial frame (its codes are `card`,
+        # not Mimi codes): the leading frames of the prompt that are all `card` are dropped.
         if concat_unconditional_inputs:
             text = np.concatenate([np.full((B, 1), cfg.text_card), text], 1)
             user = np.concatenate([np.full((B, cfg.dep_q, 1), cfg.card), user], 2)
@@ -168,37 +164,31 @@ class MoshiForConditionalGeneration:
             seq[:, u, :d_user[k]] = cfg.card
             seq[:, u, d_user[k]:d_user[k] + T] = user[:, k, : L - d_user[k]]
             seq[:, u, d_user[k] + T:] = blank[k]
-        t_temp, t_k, t_p = _sampling(do_sample, temperature, top_k, top_p, 0.7, 25)
-        a_temp, a_k, a_p = _sampling(depth_decoder_do_sample, depth_decoder_temperature, depth_decoder_top_k,
-                                     depth_decoder_top_p, 0.8, 250)
-        key = mx.random.key(seed) if seed is not None else None
-
-        def next_key():
-            nonlocal key
-            if key is None:
-                return None
-            key, sub = mx.random.split(key)
-            return sub
-
-        lm.transformer.start_streaming()
+        text_sampler = _sampler(do_sample, temperature, top_k, top_p, 0.7, 25)
+        audio_sampler = _sampler(depth_decoder_do_sample, depth_decoder_temperature, depth_decoder_top_k,
+                                 depth_decoder_top_p, 0.8, 250)
+        keys = RandomKeys(seed)
+        state = lm.init_state()
         for p in range(L - 1):
-            h, logits = lm.step_text(mx.array(seq[:, :, p:p + 1].astype(np.int32)))
+            h, logits = lm.step_text(mx.array(seq[:, :, p:p + 1].astype(np.int32)), state)
             if p + 1 < T:
                 continue  # still inside the prompt: teacher forcing
             if seq[0, 0, p + 1] == -2:
-                seq[:, 0, p + 1] = np.array(sample_token(logits[:, 0], t_temp, t_k, t_p, next_key()))
+                seq[:, 0, p + 1] = np.array(text_sampler(logits[:, 0], keys.next()))
             # The depformer samples all of Moshi's codes for position p + 1 from its own
             # samples; they are kept where the prompt left the position open.
-            lm.start_depformer_frame()
-            prev = mx.array(seq[:, 0, p + 1].astype(np.int32))
+            audio = np.array(lm.sample_audio(mx.array(seq[:, 0, p + 1].astype(np.int32)), h, audio_sampler, keys))
             for cb in range(cfg.dep_q):
-                prev = sample_token(lm.depformer_step(cb, prev, h), a_temp, a_k, a_p, next_key())
                 open_ = seq[:, 1 + cb, p + 1] == -2
-                seq[open_, 1 + cb, p + 1] = np.array(prev)[open_]
+                seq[open_, 1 + cb, p + 1] = audio[open_, cb]
         sequences = mx.array(seq[:, 0].astype(np.int32))
-        # undelay: frame j of codebook k sits at position 1 + j + delay_k (1 = the initial frame)
-        frames = L - 1 - int(d_moshi.max())
-        audio = np.stack([seq[:, 1 + k, 1 + d_moshi[k]: 1 + d_moshi[k] + frames] for k in range(cfg.dep_q)], 1)
+        # undelay: frame j of codebook k sits at position j + delay_k; leading initial frames
+        # (all codes = card) are not Moshi's audio and are left out, as transformers does.
+        start = 0
+        while start < T and (moshi[:, :, start] == cfg.card).all():
+            start += 1
+        frames = L - start - int(d_moshi.max())
+        audio = np.stack([seq[:, 1 + k, start + d_moshi[k]: start + d_moshi[k] + frames] for k in range(cfg.dep_q)], 1)
         audio_codes = mx.array(audio.astype(np.int32))
         waveforms = self.mimi.decode(audio_codes).audio_values if return_audio_waveforms else None
         if return_audio_codes is False:
@@ -231,19 +221,16 @@ class MoshiForCausalLM:
             raise InputError(f"input_ids must be [batch, steps] with steps ≥ 1, got {list(ids.shape)}")
         if ids.min() < 0 or ids.max() > self.config.text_card:
             raise InputError(f"input_ids must lie in [0, {self.config.text_card}]")
-        temp, k, p_ = _sampling(do_sample, temperature, top_k, top_p, 0.7, 25)
-        key = mx.random.key(seed) if seed is not None else None
+        sampler = _sampler(do_sample, temperature, top_k, top_p, 0.7, 25)
+        keys = RandomKeys(seed)
         cfg, lm = self.config, self.lm
         B, T = ids.shape
         out = np.concatenate([ids, np.zeros((B, max_new_tokens), np.int64)], 1)
-        lm.transformer.start_streaming()
+        state = lm.init_state()
         for p in range(T + max_new_tokens - 1):
             tokens = np.full((B, cfg.num_codebooks, 1), -1, np.int64)
             tokens[:, 0, 0] = out[:, p]
-            _, logits = lm.step_text(mx.array(tokens.astype(np.int32)))
+            _, logits = lm.step_text(mx.array(tokens.astype(np.int32)), state)
             if p + 1 >= T:
-                sub = None
-                if key is not None:
-                    key, sub = mx.random.split(key)
-                out[:, p + 1] = np.array(sample_token(logits[:, 0], temp, k, p_, sub))
+                out[:, p + 1] = np.array(sampler(logits[:, 0], keys.next()))
         return mx.array(out.astype(np.int32))

@@ -9,7 +9,7 @@ from a zero (or replicated) left context and requires T to be a multiple of the 
 Both layers end in one function, `valid_conv`, which computes `conv(act(context ‖ x)) +
 bias`, act being the identity or ELU (SEANet's ELUs are fused into the convolution after
 them; `residual_step` fuses a whole residual block). On the CPU backend these run the
-compiled kernels (`_cpu_kernels.c`: threaded, tiled in cache, 2-20x faster than MLX's ops
+compiled kernels (`moshi_mlx/cpu`: threaded, tiled in cache, 2-20x faster than MLX's ops
 for SEANet's thin layers); elsewhere an im2col GEMM in MLX.
 """
 from __future__ import annotations
@@ -20,10 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..kernels import cpu_kernels, cpu_threads, kernels_apply
+from ..cpu import kernels as cpu
 from .activations import elu
-
-KERNEL_COLS = 16  # output channels per packed weight block (CONV_COLS in _cpu_kernels.c)
 
 
 @dataclass
@@ -42,25 +40,8 @@ class ConvWeight:
 
     def packed_for_kernel(self) -> np.ndarray:
         if self.packed is None:
-            c_out = self.weight.shape[0]
-            m = np.array(self.weight.astype(mx.float32)).reshape(c_out, -1).T  # [K·C_in, C_out]
-            blocks = -(-c_out // KERNEL_COLS)
-            p = np.zeros((m.shape[0], blocks * KERNEL_COLS), np.float32)
-            p[:, :c_out] = m
-            self.packed = np.ascontiguousarray(p.reshape(m.shape[0], blocks, KERNEL_COLS).transpose(1, 0, 2))
+            self.packed = cpu.pack_conv_weight(self.weight)
         return self.packed
-
-
-def _kernel_call(fn, arrays: list[mx.array | np.ndarray | None], out_shape: tuple[int, ...], *sizes: int
-                 ) -> mx.array:
-    """Run a compiled kernel on evaluated, contiguous inputs (None passes through) into a
-    new float32 array. The kernel reads MLX's buffers in place, so this is a
-    synchronisation point: cheap next to the convolution itself."""
-    arrays = [mx.contiguous(a) if isinstance(a, mx.array) else a for a in arrays]
-    mx.eval(*(a for a in arrays if isinstance(a, mx.array)))
-    out = np.empty(out_shape, np.float32)
-    fn(*arrays, out, *sizes, cpu_threads())
-    return mx.array(out)
 
 
 def valid_conv(previous: mx.array | None, x: mx.array, w: ConvWeight, stride: int = 1, dilation: int = 1,
@@ -71,13 +52,13 @@ def valid_conv(previous: mx.array | None, x: mx.array, w: ConvWeight, stride: in
     T_out = (ctx + T − span) // stride + 1, span = (K − 1)·dilation + 1.
     """
     K, S, D = w.kernel_size, stride, dilation
+    c_out = w.weight.shape[0]
+    y = cpu.conv1d(previous, x, w.packed_for_kernel, bias, c_out, K, S, D, elu_input)
+    if y is not None:
+        return y
     B, T, C = x.shape
     ctx = 0 if previous is None else previous.shape[1]
     T_out = (ctx + T - (K - 1) * D - 1) // S + 1
-    c_out = w.weight.shape[0]
-    if kernels_apply(x):
-        return _kernel_call(cpu_kernels().conv1d, [previous, x, w.packed_for_kernel(), bias], (B, T_out, c_out),
-                            B, ctx, T, T_out, C, c_out, K, S, D, int(elu_input))
     x = x if previous is None else mx.concatenate([previous, x], axis=1)
     if elu_input:
         x = elu(x)
@@ -134,7 +115,6 @@ class StreamingConv1d(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (out_channels, kernel_size, in_channels // groups))
         if bias:
             self.bias = mx.zeros((out_channels,))
-        self.stream_state: ConvState | None = None
         self._prepared: ConvWeight | None = None
 
     @property
@@ -147,7 +127,10 @@ class StreamingConv1d(nn.Module):
             self._prepared = ConvWeight(self.weight, self.weight)
         return self._prepared
 
-    def _forward(self, x: mx.array, state: ConvState | None, elu_input: bool) -> tuple[mx.array, ConvState | None]:
+    def step(self, x: mx.array, state: ConvState | None = None, elu_input: bool = False
+             ) -> tuple[mx.array, ConvState | None]:
+        """Streaming: x [B, T, C_in] after `state` (None = fresh) → (y, next state). The
+        concatenation of all steps equals one batch call on the concatenated input."""
         T = x.shape[1]
         if T == 0 or T % self.stride:
             raise ValueError(f"conv input length {T} must be a positive multiple of the stride {self.stride}")
@@ -164,29 +147,26 @@ class StreamingConv1d(nn.Module):
 
     def __call__(self, x: mx.array, elu_input: bool = False) -> mx.array:
         """Batch: x [B, T, C_in] → conv(elu(x) if elu_input else x), [B, T / stride, C_out]."""
-        return self._forward(x, None, elu_input)[0]
-
-    def step(self, x: mx.array, elu_input: bool = False) -> mx.array:
-        """Streaming: same as __call__ on the concatenation of all steps since the last reset."""
-        y, self.stream_state = self._forward(x, self.stream_state, elu_input)
-        return y
+        return self.step(x, None, elu_input)[0]
 
 
-def residual_step(conv1: StreamingConv1d, conv2: StreamingConv1d, x: mx.array) -> mx.array:
+def residual_step(conv1: StreamingConv1d, conv2: StreamingConv1d, x: mx.array, state: ConvState | None
+                  ) -> tuple[mx.array, ConvState | None]:
     """One streaming step of SEANet's residual block, x + conv2(elu(conv1(elu(x)))), where
-    conv2 has kernel 1: on the CPU backend one kernel call, whose hidden activations never
-    leave the cache; elsewhere the two convolutions."""
-    fusable = (kernels_apply(x) and conv1.groups == conv2.groups == 1 and conv1.stride == conv2.stride == 1
-               and conv2.kernel_size == 1 and x.shape[1] > 0)
-    if not fusable:
-        return x + conv2.step(conv1.step(x, elu_input=True), elu_input=True)
-    previous, conv1.stream_state = _context(x, conv1.stream_state, conv1.context, conv1.pad_mode == "replicate")
-    w1, w2 = conv1._conv_weight(), conv2._conv_weight()
-    B, T, C = x.shape
-    return _kernel_call(cpu_kernels().residual_block,
-                        [previous, x, w1.packed_for_kernel(), conv1.bias if "bias" in conv1 else None,
-                         w2.packed_for_kernel(), conv2.bias if "bias" in conv2 else None], (B, T, C),
-                        B, conv1.context, T, C, w1.weight.shape[0], conv1.kernel_size, conv1.dilation)
+    conv2 has kernel 1 (so it carries no state: `state` is conv1's). On the CPU backend one
+    kernel call, whose hidden activations never leave the cache; elsewhere the two
+    convolutions."""
+    assert conv2.kernel_size == 1 and conv2.stride == 1, "SEANet's residual blocks end in a 1x1 convolution"
+    if conv1.groups == conv2.groups == 1 and conv1.stride == 1:
+        previous, next_state = _context(x, state, conv1.context, conv1.pad_mode == "replicate")
+        w1, w2 = conv1._conv_weight(), conv2._conv_weight()
+        y = cpu.residual_block(previous, x, w1.packed_for_kernel, conv1.bias if "bias" in conv1 else None,
+                               w2.packed_for_kernel, conv2.bias if "bias" in conv2 else None,
+                               w1.weight.shape[0], conv1.kernel_size, conv1.dilation)
+        if y is not None:
+            return y, next_state
+    h, state = conv1.step(x, state, elu_input=True)
+    return x + conv2.step(h, None, elu_input=True)[0], state
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -213,7 +193,6 @@ class StreamingConvTranspose1d(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, shape)
         if bias:
             self.bias = mx.zeros((out_channels,))
-        self.stream_state: ConvState | None = None
         self._prepared: ConvWeight | None = None  # groups = 1
         self._taps: tuple[mx.array, mx.array] | None = None  # depthwise: (source weight, polyphase taps)
         self._phase_bias: tuple[mx.array, mx.array] | None = None  # (source bias, bias per (phase, channel))
@@ -237,7 +216,10 @@ class StreamingConvTranspose1d(nn.Module):
             self._prepared = ConvWeight(self.weight, w)
         return self._prepared
 
-    def _forward(self, x: mx.array, state: ConvState | None, elu_input: bool) -> tuple[mx.array, ConvState | None]:
+    def step(self, x: mx.array, state: ConvState | None = None, elu_input: bool = False
+             ) -> tuple[mx.array, ConvState | None]:
+        """Streaming: x [B, T, C_in] after `state` (None = fresh) → (y [B, T · stride, C_out],
+        next state)."""
         B, T, _ = x.shape
         S, m = self.stride, self.taps
         previous, state = _context(x, state, m - 1, replicate=False)
@@ -263,8 +245,4 @@ class StreamingConvTranspose1d(nn.Module):
 
     def __call__(self, x: mx.array, elu_input: bool = False) -> mx.array:
         """Batch: x [B, T, C_in] → [B, T · stride, C_out]."""
-        return self._forward(x, None, elu_input)[0]
-
-    def step(self, x: mx.array, elu_input: bool = False) -> mx.array:
-        y, self.stream_state = self._forward(x, self.stream_state, elu_input)
-        return y
+        return self.step(x, None, elu_input)[0]

@@ -1,7 +1,7 @@
 """Residual vector quantization (Kyutai's SplitResidualVectorQuantizer).
 
 Activations are [B, T, D]. Codebooks are stored resolved (embedding_sum / cluster_usage,
-computed once at load time in weights.py), as [n_q, bins, dim].
+computed once at load time in checkpoints/tensors.py), as [n_q, bins, dim].
 """
 from __future__ import annotations
 

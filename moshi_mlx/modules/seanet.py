@@ -12,8 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .activations import elu
-from .conv import StreamingConv1d, StreamingConvTranspose1d, residual_step
-from .streaming import scratch_state
+from .conv import ConvState, StreamingConv1d, StreamingConvTranspose1d, residual_step
+
+# One entry per layer (None for stateless ELUs, or before the first step).
+SEANetState = list
 
 
 @dataclass
@@ -36,21 +38,21 @@ class ELU(nn.Module):
         return elu(x)
 
 
-def _run(layers: list[nn.Module], x: mx.array) -> mx.array:
-    """Stream x through `layers`, each ELU fused into the convolution after it (one pass
-    over memory instead of two; see conv.valid_conv)."""
+def _run(layers: list[nn.Module], x: mx.array, state: SEANetState) -> mx.array:
+    """Stream x through `layers` (updating `state` in place), each ELU fused into the
+    convolution after it (one pass over memory instead of two; see conv.valid_conv)."""
     elu_pending = False
-    for layer in layers:
+    for i, layer in enumerate(layers):
         if isinstance(layer, ELU):
             if elu_pending:
                 x = elu(x)
             elu_pending = True
         elif isinstance(layer, (StreamingConv1d, StreamingConvTranspose1d)):
-            x = layer.step(x, elu_input=elu_pending)
+            x, state[i] = layer.step(x, state[i], elu_input=elu_pending)
             elu_pending = False
         else:
             x = elu(x) if elu_pending else x
-            x = layer.step(x)
+            x, state[i] = layer.step(x, state[i])
             elu_pending = False
     return elu(x) if elu_pending else x
 
@@ -69,12 +71,11 @@ class ResidualBlock(nn.Module):
         ]
 
     def __call__(self, x: mx.array) -> mx.array:
-        with scratch_state(self):
-            return self.step(x)
+        return self.step(x, None)[0]
 
-    def step(self, x: mx.array) -> mx.array:
+    def step(self, x: mx.array, state: ConvState | None) -> tuple[mx.array, ConvState | None]:
         # block = [ELU, conv, ELU, conv]: both ELUs and the skip are fused (conv.residual_step).
-        return residual_step(self.block[1], self.block[3], x)
+        return residual_step(self.block[1], self.block[3], x, state)
 
 
 def _residual_stage(cfg: SEANetConfig, dim: int) -> list[nn.Module]:
@@ -92,16 +93,17 @@ class _Sequential(nn.Module):
         # 128 only 1-5% faster for 100 MB more memory (`moshi-mlx bench mimi`).
         self.chunk = chunk
 
+    def init_state(self) -> SEANetState:
+        return [None] * len(self.layers)
+
     def __call__(self, x: mx.array) -> mx.array:
         """Batch: the same as streaming the whole input from a fresh state."""
-        with scratch_state(self):
-            return self.step(x)
+        return self.step(x, self.init_state())[0]
 
-    def step(self, x: mx.array) -> mx.array:
-        if x.shape[1] > self.chunk:
-            return mx.concatenate([self.step(x[:, i:i + self.chunk]) for i in range(0, x.shape[1], self.chunk)],
-                                  axis=1)
-        return _run(self.layers, x)
+    def step(self, x: mx.array, state: SEANetState) -> tuple[mx.array, SEANetState]:
+        """Streaming: x after `state` → (y, state); `state` is updated in place."""
+        outs = [_run(self.layers, x[:, i:i + self.chunk], state) for i in range(0, x.shape[1], self.chunk)]
+        return (outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)), state
 
 
 class SEANetEncoder(_Sequential):

@@ -2,7 +2,7 @@
 
 Activations are [B, T, D]. Attention uses a fused `in_proj` ([3·D, D], Kyutai's layout),
 RoPE with interleaved pairs (Kyutai's convention; transformers-format weights are permuted
-back at load time, see weights.py), a causal mask limited to `context` steps, and in
+back at load time, see checkpoints/), a causal mask limited to `context` steps, and in
 streaming mode a rotating KV cache of `context` entries that never runs out.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..kernels import cpu_kernels, cpu_threads
+from ..cpu import kernels as cpu
 from .activations import gelu, softmax
-from .streaming import scratch_state
+from .kv_cache import KVCache
 
 
 @dataclass
@@ -100,123 +100,6 @@ def sin_embedding(positions: np.ndarray, dim: int, max_period: float) -> mx.arra
     phase = mx.array(positions, mx.float32)[:, None] / (max_period ** (mx.arange(half, dtype=mx.float32)
                                                                         / (half - 1)))
     return mx.concatenate([mx.cos(phase), mx.sin(phase)], axis=-1)
-
-
-def _quantize_int8(x: mx.array) -> tuple[mx.array, mx.array]:
-    """x [..., D] → (int8 [..., D], float32 scales [..., 1]) with x ≈ q · scale."""
-    x = x.astype(mx.float32)
-    scale = mx.maximum(mx.abs(x).max(axis=-1, keepdims=True), 1e-30) / 127.0
-    return mx.round(x / scale).astype(mx.int8), scale
-
-
-class KVCache:
-    """Rotating KV cache holding the last `capacity` steps: it never runs out.
-
-    Like Kyutai's RingKVCache, new keys are written before attending, so a chunk of T steps
-    can overwrite entries its own first queries would have seen once the ring is full: the
-    reference streams this way and we do the same. Writes are slice updates of the buffers
-    (MLX reuses a buffer when nothing else holds it), so a step costs O(T), not O(capacity).
-    The buffers grow in chunks until they reach the capacity (a short session does not pay
-    for the whole context: 3.1 GB for Moshi 7B in float32); from then on memory is flat.
-
-    bits=8 stores each key and value vector as int8 with one float32 scale (absmax / 127),
-    a quarter of the float32 size (Moshi 7B's full context: 0.8 GB). Used for quantized
-    models, whose weights already carry far larger rounding (see quantize.py).
-    """
-
-    GROW = 256  # steps added at a time
-
-    def __init__(self, capacity: int, bits: int | None = None):
-        if bits not in (None, 8):
-            raise ValueError(f"KV cache bits must be None (compute dtype) or 8, got {bits}")
-        self.capacity = capacity
-        self.bits = bits
-        # [B, H, slots, Dh] (int8 when bits=8), and the int8 scales [B, H, slots, 1]
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.key_scales: mx.array | None = None
-        self.value_scales: mx.array | None = None
-        self.offset = 0  # steps written since the last reset
-
-    def reset(self) -> None:
-        self.keys = self.values = self.key_scales = self.value_scales = None
-        self.offset = 0
-
-    @property
-    def valid(self) -> int:
-        """Slots holding a written step (all of them once the ring is full)."""
-        return min(self.offset, self.capacity)
-
-    def _buffers(self) -> list[str]:
-        return ["keys", "values"] + (["key_scales", "value_scales"] if self.bits else [])
-
-    def update(self, k: mx.array, v: mx.array) -> None:
-        """Write k, v [B, H, T, Dh] into the ring."""
-        B, H, T, Dh = k.shape
-        cap = self.capacity
-        if T > cap:
-            raise ValueError(f"KVCache: chunk of {T} steps exceeds the capacity {cap}")
-        new = dict(zip(["keys", "values"], (k, v)))
-        if self.bits:
-            for name, x in (("keys", k), ("values", v)):
-                new[name], new[name[:-1] + "_scales"] = _quantize_int8(x)
-        if self.keys is None:
-            size = min(cap, max(self.GROW, T))
-            for name in self._buffers():
-                x = new[name]
-                setattr(self, name, mx.zeros((B, H, size, x.shape[-1]), dtype=x.dtype))
-        size = self.keys.shape[2]
-        if size < cap and self.offset + T > size:  # not wrapped yet: slots are positions
-            grow = min(cap, max(self.offset + T, size + self.GROW, 2 * size)) - size
-            for name in self._buffers():
-                setattr(self, name, mx.pad(getattr(self, name), [(0, 0), (0, 0), (0, grow), (0, 0)]))
-        start = self.offset % cap
-        first = min(T, cap - start)
-        for name in self._buffers():
-            buf, x = getattr(self, name), new[name]
-            buf[:, :, start:start + first] = x[:, :, :first]
-            if first < T:
-                buf[:, :, :T - first] = x[:, :, first:]
-        self.offset += T
-
-    def fetch(self) -> tuple[mx.array, mx.array]:
-        """The cached keys and values (in the written slots), ordered as `positions()`."""
-        n = self.valid
-        k, v = self.keys[:, :, :n], self.values[:, :, :n]
-        if self.bits:
-            k = k.astype(mx.float32) * self.key_scales[:, :, :n]
-            v = v.astype(mx.float32) * self.value_scales[:, :, :n]
-        return k, v
-
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Write k, v [B, H, T, Dh]; return the cached keys/values, ordered as `positions()`."""
-        self.update(k, v)
-        k2, v2 = self.fetch()
-        return k2.astype(k.dtype), v2.astype(v.dtype)
-
-    def attend_one(self, q: mx.array, scale: float) -> mx.array | None:
-        """Attention of one query step q [B, H, 1, Dh] over every written slot, with the
-        compiled CPU kernel for int8 caches; None when it does not apply (then use fetch)."""
-        B, H, T, Dh = q.shape
-        kernels = cpu_kernels()
-        if (self.bits != 8 or T != 1 or kernels is None or mx.default_device() != mx.cpu
-                or Dh % 8 or Dh > 256):
-            return None
-        q2 = mx.contiguous(q.astype(mx.float32).reshape(B * H, Dh))
-        mx.eval(q2, self.keys, self.values, self.key_scales, self.value_scales)
-        out = np.empty((B * H, Dh), np.float32)
-        kernels.attend_int8(q2, self.keys, self.key_scales, self.values, self.value_scales, out, B * H,
-                            self.keys.shape[2], self.valid, Dh, scale, cpu_threads())
-        return mx.array(out).reshape(B, H, 1, Dh).astype(q.dtype)
-
-    @staticmethod
-    def positions(capacity: int, offset: int) -> np.ndarray:
-        """Absolute position held by each slot returned by `update_and_fetch` once
-        `offset` steps have been written: slot s holds the latest p < offset with p ≡ s."""
-        if offset < capacity:
-            return np.arange(offset)
-        last = offset - 1
-        return last - ((last - np.arange(capacity)) % capacity)
 
 
 def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None) -> mx.array | None:
@@ -350,13 +233,17 @@ class TransformerLayer(nn.Module):
 
 @dataclass
 class TransformerState:
+    """A stream's position and its layers' KV caches (made by `Transformer.init_state`)."""
+
     caches: list[KVCache]
     max_chunk: int  # steps one call may hold; longer inputs are split
     offset: int = 0
 
 
 class Transformer(nn.Module):
-    """A stack of layers. `__call__` is the batch path; `step` streams with rotating caches."""
+    """A stack of layers holding weights only. `__call__` is the batch path; `step(x, state)`
+    streams with rotating caches held by the caller's `state` (one per stream: several
+    streams can run on one model)."""
 
     # Batch inputs longer than this run in blocks through exact caches: memory O(context).
     BATCH_BLOCK = 256
@@ -365,18 +252,18 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
-        self.stream_state: TransformerState | None = None
-        # KV cache storage: "auto" (int8 for quantized weights when the cache is long
-        # enough to matter, else the compute dtype), None (compute dtype) or 8.
-        self.kv_bits: int | str | None = "auto"
 
-    def _cache_bits(self, capacity: int) -> int | None:
-        if self.kv_bits != "auto":
-            return self.kv_bits
+    def _cache_bits(self, capacity: int, kv_bits: int | str | None) -> int | None:
+        """"auto": int8 for a quantized model's long caches on the CPU backend, where the
+        compiled kernel attends over int8 in place; elsewhere (Metal) the compute dtype, so
+        that no step dequantizes a whole cache. The depformer's few-step caches stay exact."""
+        if kv_bits != "auto":
+            return kv_bits
         attn = self.layers[0].self_attn
         proj = attn.in_projs[0] if self.cfg.weights_per_step else attn.in_proj
-        # The depformer's 8-step caches stay exact: there is nothing to save there.
-        return 8 if isinstance(proj, nn.QuantizedLinear) and capacity >= self.BATCH_BLOCK else None
+        quantized = isinstance(proj, nn.QuantizedLinear)
+        on_cpu = mx.default_device() == mx.cpu and cpu.kernels_available()
+        return 8 if quantized and on_cpu and capacity >= self.BATCH_BLOCK else None
 
     def _add_positions(self, x: mx.array, offset: int) -> mx.array:
         if self.cfg.positional_embedding not in ("sin", "sin_rope"):
@@ -391,39 +278,37 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 x = layer(x, None, 0)
             return x
-        with scratch_state(self):
-            self.start_streaming(exact_chunk=self.BATCH_BLOCK)
-            return self.step(x)
+        return self.step(x, self.init_state(exact_chunk=self.BATCH_BLOCK))[0]
 
-    def start_streaming(self, exact_chunk: int | None = None, capacity: int | None = None) -> None:
-        """Fresh streaming state.
+    def init_state(self, exact_chunk: int | None = None, capacity: int | None = None,
+                   kv_bits: int | str | None = "auto") -> TransformerState:
+        """A fresh stream.
 
         exact_chunk=None: Kyutai's ring of `context` entries, written before attending (the
         reference streaming semantics). exact_chunk=N: caches of context + N − 1 entries, so
         chunks of up to N steps see exactly what batch attention sees. `capacity` sets the
         cache size of a model without a context (the depformer: its steps per frame).
+        kv_bits: "auto" (see _cache_bits), None (compute dtype) or 8.
         """
         if capacity is None:
             if self.cfg.context is None:
                 raise ValueError("streaming needs a finite attention context or a cache capacity")
             capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
-        bits = self._cache_bits(capacity)
-        self.stream_state = TransformerState([KVCache(capacity, bits) for _ in self.layers],
-                                             max_chunk=exact_chunk or capacity)
+        bits = self._cache_bits(capacity, kv_bits)
+        return TransformerState([KVCache(capacity, bits) for _ in self.layers], max_chunk=exact_chunk or capacity)
 
-    def step(self, x: mx.array) -> mx.array:
-        if self.stream_state is None:
-            self.start_streaming()
-        st = self.stream_state
+    def step(self, x: mx.array, state: TransformerState) -> tuple[mx.array, TransformerState]:
+        """x [B, T, D] after `state` → (y, state); the caches are updated in place."""
         T = x.shape[1]
-        if T > st.max_chunk:
-            return mx.concatenate([self.step(x[:, i:i + st.max_chunk]) for i in range(0, T, st.max_chunk)], axis=1)
+        if T > state.max_chunk:
+            outs = [self.step(x[:, i:i + state.max_chunk], state)[0] for i in range(0, T, state.max_chunk)]
+            return mx.concatenate(outs, axis=1), state
         # Every layer's cache holds the same positions: build the mask once per step.
-        pos_q = np.arange(st.offset, st.offset + T)
-        pos_k = KVCache.positions(st.caches[0].capacity, st.offset + T)
+        pos_q = np.arange(state.offset, state.offset + T)
+        pos_k = KVCache.positions(state.caches[0].capacity, state.offset + T)
         mask = _attention_mask(pos_q, pos_k, self.cfg.context) if self.cfg.causal else None
-        x = self._add_positions(x, st.offset)
-        for layer, cache in zip(self.layers, st.caches):
-            x = layer(x, cache, st.offset, mask)
-        st.offset += T
-        return x
+        x = self._add_positions(x, state.offset)
+        for layer, cache in zip(self.layers, state.caches):
+            x = layer(x, cache, state.offset, mask)
+        state.offset += T
+        return x, state

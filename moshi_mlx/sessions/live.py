@@ -1,67 +1,12 @@
-"""The full-duplex loop, one 80 ms frame at a time: user audio in, Moshi's audio and text out.
-
-    user pcm [1920] → Mimi encode_step → LMGen.step → Mimi decode_step → Moshi pcm [1920]
-
-Independent of audio devices: the chat app feeds it from a microphone (or a file) and
-plays (or writes) what it returns. Until the LM's delays have warmed up, and whenever it
-returns nothing, Moshi's frame is silence, so output frame t always lines up with input t.
-"""
+"""Live audio devices around a DuplexSession (see LiveLoop)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
 import numpy as np
 
-from .generate import LMGen
-
-
-@dataclass
-class FrameOutput:
-    pcm: np.ndarray  # [frame_size] float32, Moshi's audio for this frame
-    text: str | None  # the text piece Moshi produced this frame (None: padding or warm-up)
-    tokens: np.ndarray | None  # [1 + dep_q] text + audio tokens (None during warm-up)
-
-
-@dataclass
-class DuplexStats:
-    frames: int = 0
-    text: list[str] = field(default_factory=list)
-
-
-class DuplexSession:
-    """Streams one conversation. `reset()` starts a new one; sessions have no length limit."""
-
-    def __init__(self, model, mimi=None, tokenizer=None, **gen_kwargs):
-        """`model`: MoshiForConditionalGeneration; `mimi` defaults to model.mimi; `tokenizer`
-        renders text pieces (optional); gen_kwargs go to LMGen (temp, temp_text, top_k, …)."""
-        self.model = model
-        self.mimi = mimi if mimi is not None else model.mimi
-        self.tokenizer = tokenizer
-        self.gen = LMGen(model, **gen_kwargs)
-        self.n_user = model.config.num_user_codebooks
-        self.frame_size = self.mimi.frame_size
-        self.stats = DuplexStats()
-        self.reset()
-
-    def reset(self) -> None:
-        self.mimi.reset_state()
-        self.gen.reset(1)
-        self.stats = DuplexStats()
-
-    def step(self, pcm: np.ndarray) -> FrameOutput:
-        """One frame of the user's audio ([frame_size] float32 at 24 kHz) → Moshi's frame."""
-        frame = np.asarray(pcm, np.float32).reshape(1, 1, self.frame_size)
-        codes = self.mimi.encode_step(mx.array(frame), num_quantizers=self.n_user)  # [1, n_user, 1]
-        tokens = self.gen.step(np.array(codes)[:, :, 0])
-        self.stats.frames += 1
-        if tokens is None:
-            return FrameOutput(np.zeros(self.frame_size, np.float32), None, None)
-        audio = self.mimi.decode_step(mx.array(tokens[:, 1:, None].astype(np.int32)))
-        text = self.tokenizer.piece(int(tokens[0, 0])) if self.tokenizer is not None else None
-        if text:
-            self.stats.text.append(text)
-        return FrameOutput(np.array(audio)[0, 0], text, tokens[0])
+if TYPE_CHECKING:
+    from .duplex import DuplexSession
 
 
 class LiveLoop:
@@ -74,17 +19,30 @@ class LiveLoop:
     the model falls behind, input frames older than `max_lag_frames` are dropped (and
     counted) so that latency stays bounded instead of growing without end.
     All audio here is mono float32 at the session's 24 kHz.
+
+    `clock` (seconds, default time.perf_counter) times the model's steps: tests pass a fake one
+    and drive push_input / process_one / pull_output from one thread, without sleeping.
+
+    Two kinds of output underrun are counted:
+      * `underruns`: pull_output found no frame of Moshi's ready (it returns silence);
+      * `device_underruns`: the output device's callback got fewer samples than it asked for
+        (the app reports each callback with `count_device_output`, which also counts the
+        device's own underflow flag, the xruns ALSA complains about). Callbacks before the
+        first sample was ever played are start-up, not underruns.
+    `status_line()` and `summary()` read the same counters, so they cannot disagree.
     """
 
     def __init__(self, session: DuplexSession, aec=None, max_lag_frames: int = 2, max_out_frames: int = 3,
-                 on_frame=None):
+                 on_frame=None, clock=None):
         import collections
         import threading
+        import time
 
         self.session, self.aec = session, aec
         self.frame = session.frame_size
         self.max_lag_frames, self.max_out_frames = max_lag_frames, max_out_frames
         self.on_frame = on_frame  # called by the model thread with (user_frame, FrameOutput)
+        self.clock = clock if clock is not None else time.perf_counter
         self.in_q: collections.deque = collections.deque()
         self.out_q: collections.deque = collections.deque()
         self.far_q: collections.deque = collections.deque()  # what the speakers played, per frame
@@ -94,6 +52,9 @@ class LiveLoop:
         self._wake = threading.Event()
         self.stop_event = threading.Event()
         self.dropped_in = self.dropped_out = self.underruns = self.frames = 0
+        self.device_underruns = 0  # output callbacks short of samples, or flagged by the device
+        self.device_missing = 0  # samples of silence those callbacks played instead (device rate)
+        self._device_started = False
         self.step_ms = 0.0  # exponential moving average
 
     # -- device side (callbacks: cheap, no model work) -------------------------------------------
@@ -120,6 +81,18 @@ class LiveLoop:
                 self.far_q.popleft()
         return out
 
+    def count_device_output(self, requested: int, supplied: int, underflow: bool = False) -> None:
+        """Called from the output device's callback: it asked for `requested` samples and got
+        `supplied` (the rest is silence); `underflow`: the device's own underrun flag (PortAudio's
+        output_underflow). Counts `device_underruns` once playback has started."""
+        if supplied > 0:
+            self._device_started = True
+        if not self._device_started:
+            return
+        if supplied < requested or underflow:
+            self.device_underruns += 1
+            self.device_missing += max(requested - supplied, 0)
+
     # -- model side -----------------------------------------------------------------------------------
     @property
     def latency_ms(self) -> float:
@@ -128,8 +101,6 @@ class LiveLoop:
 
     def process_one(self) -> bool:
         """Process the oldest pending input frame, if any. Returns whether one was processed."""
-        import time
-
         while len(self.in_q) > self.max_lag_frames:  # fell behind: keep only the newest frames
             self.in_q.popleft()
             self.dropped_in += 1
@@ -138,9 +109,9 @@ class LiveLoop:
         user = self.in_q.popleft()
         far = self.far_q.popleft() if self.far_q else np.zeros(self.frame, np.float32)
         near = self.aec.process(user, far) if self.aec is not None else user
-        t0 = time.perf_counter()
+        t0 = self.clock()
         out = self.session.step(near)
-        dt = (time.perf_counter() - t0) * 1e3
+        dt = (self.clock() - t0) * 1e3
         self.step_ms = dt if self.frames == 0 else 0.9 * self.step_ms + 0.1 * dt
         self.frames += 1
         self.out_q.append(out.pcm)
@@ -156,3 +127,16 @@ class LiveLoop:
             if not self.process_one():
                 self._wake.wait(0.01)
                 self._wake.clear()
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        """The live status line (`moshi-mlx chat` rewrites it twice a second)."""
+        return (f"[{self.step_ms:5.0f} ms/step, {80.0 / max(self.step_ms, 1e-3):4.2f}x real time, "
+                f"latency {self.latency_ms:5.0f} ms, dropped {self.dropped_in}, "
+                f"underruns {self.underruns + self.device_underruns}]")
+
+    def summary(self) -> str:
+        """The end-of-session line: the same counters as status_line()."""
+        return (f"session: {self.frames * 0.08:.1f} s, {self.frames} frames, {self.dropped_in} dropped, "
+                f"{self.underruns + self.device_underruns} output underruns ({self.device_underruns} at the device, "
+                f"{self.underruns} with no frame ready), {self.step_ms:.0f} ms per step")

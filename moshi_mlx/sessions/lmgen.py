@@ -5,6 +5,9 @@ steps) holds what was generated or received; the input of step t is the buffer a
 each stream's initial token (text_card / card) until its delay has elapsed. The first
 max_delay steps return None; afterwards each step returns the undelayed tokens of one
 frame: [B, 1 + dep_q] = text, then Moshi's audio codebooks.
+
+The session owns its state (the token ring and the LM's KV caches); the model holds only
+weights, so several sessions run on one loaded model.
 """
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .errors import InputError
-from .models.lm import UNGENERATED_TOKEN, ZERO_TOKEN, LMModel
-from .modules.sampling import sample_token
+from ..errors import InputError
+from ..models.lm import UNGENERATED_TOKEN, ZERO_TOKEN, LMModel
+from ..modules.sampling import RandomKeys, Sampler
 
 
 class LMGen:
@@ -34,8 +37,8 @@ class LMGen:
         if not isinstance(lm, LMModel):
             raise TypeError(f"LMGen needs an LMModel (or a model with .lm), got {type(model).__name__}")
         self.lm = lm
-        self.temp, self.temp_text, self.top_k, self.top_k_text = temp, temp_text, top_k, top_k_text
-        self.top_p, self.top_p_text = top_p, top_p_text
+        self.audio_sampler = Sampler(temp, top_k, top_p)
+        self.text_sampler = Sampler(temp_text, top_k_text, top_p_text)
         self.cfg_coef = cfg_coef
         self.cfg_is_no_text = cfg_is_no_text
         self.cfg_is_masked_until = cfg_is_masked_until
@@ -43,28 +46,23 @@ class LMGen:
         cfg = lm.config
         self.delays = np.array(cfg.delays)
         self.max_delay = int(self.delays.max())
-        self._key = mx.random.key(seed) if seed is not None else None
+        self.keys = RandomKeys(seed)
         self.batch_size = 0
         self.cache: np.ndarray | None = None
+        self.state = None  # the LM's KV caches (TransformerState), made by reset()
 
     @property
     def _cfg(self) -> bool:
         return self.cfg_coef != 1.0
 
     def reset(self, batch_size: int = 1) -> None:
-        """Start a new session (also starts the LM's caches)."""
+        """Start a new session: fresh token ring and KV caches."""
         cfg = self.lm.config
         self.batch_size = batch_size
         self.cache = np.full((batch_size, cfg.num_codebooks, self.max_delay + 2), UNGENERATED_TOKEN, np.int64)
         self.offset = 0
         self.initial = np.array(self.lm.initial_tokens(1))[0, :, 0]  # [K]
-        self.lm.transformer.start_streaming()
-
-    def _next_key(self) -> mx.array | None:
-        if self._key is None:
-            return None
-        self._key, sub = mx.random.split(self._key)
-        return sub
+        self.state = self.lm.init_state()
 
     def _check_user_codes(self, user_codes) -> np.ndarray:
         cfg = self.lm.config
@@ -104,12 +102,14 @@ class LMGen:
             if self.cfg_is_no_text and not is_init[0]:
                 null[:, 0] = ZERO_TOKEN
             inputs = np.concatenate([inputs, null], axis=0)
-        transformer_out, text_logits = lm.step_text(mx.array(inputs[:, :, None].astype(np.int32)))
-        text_logits = self._guide(text_logits[:, 0], text=True)
-        text = sample_token(text_logits, self.temp_text, self.top_k_text, self.top_p_text, self._next_key())
+        transformer_out, text_logits = lm.step_text(mx.array(inputs[:, :, None].astype(np.int32)), self.state)
+        text = self.text_sampler(self._guide(text_logits[:, 0], text=True), self.keys.next())
         if self.on_text_hook is not None:
             self.on_text_hook(text)
-        audio = self._depformer(text, transformer_out) if dep_q else None
+        audio = None
+        if dep_q:
+            audio = lm.sample_audio(text, transformer_out, self.audio_sampler, self.keys,
+                                    self._guide if self._cfg else None)
         self.offset += 1
         pos = self.offset % CT
         self.cache[:, 0, pos] = np.array(text)
@@ -127,14 +127,3 @@ class LMGen:
         if text and self.cfg_is_no_text:
             return cond
         return null + (cond - null) * self.cfg_coef
-
-    def _depformer(self, text: mx.array, transformer_out: mx.array) -> mx.array:
-        lm = self.lm
-        lm.start_depformer_frame()
-        prev, tokens = text, []
-        for cb in range(lm.config.dep_q):
-            inp = mx.concatenate([prev, prev]) if self._cfg else prev
-            logits = self._guide(lm.depformer_step(cb, inp, transformer_out))
-            prev = sample_token(logits, self.temp, self.top_k, self.top_p, self._next_key())
-            tokens.append(prev)
-        return mx.stack(tokens, axis=1)

@@ -1,0 +1,135 @@
+"""The facade over the compiled CPU kernels (`_kernels.c`): few-row quantized matmuls, one
+query's attention over an int8 KV cache, SEANet's convolutions.
+
+They are built on x86-64 Linux only and run on MLX's CPU backend only. Each compute
+function returns an `mx.array`, or None for "use MLX's own op": model code keeps one line
+per call site, and on Metal (or any machine without the kernels) it runs plain MLX.
+
+MOSHI_MLX_CPU_KERNELS=0 turns the kernels off.
+"""
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import numpy as np
+
+_KERNELS = None
+CONV_COLS = 16  # output channels per packed weight block (CONV_COLS in _kernels.c)
+QMATMUL_MAX_ROWS = 8  # rows of x the quantized-matmul kernel takes (MAX_ROWS in _kernels.c)
+
+
+def _module():
+    """The compiled module if it is built, this CPU runs it and it is not turned off."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = False
+        if os.environ.get("MOSHI_MLX_CPU_KERNELS", "1").lower() not in ("0", "off", "no", "false"):
+            try:
+                from . import _kernels as k
+            except ImportError:
+                pass
+            else:
+                _KERNELS = k if k.available() else False
+    return _KERNELS or None
+
+
+def kernels_available() -> bool:
+    return _module() is not None
+
+
+def describe() -> str:
+    """One line for `moshi-mlx -v`."""
+    state = "on" if kernels_available() else "off (not built, not x86-64 with AVX2/FMA, or MOSHI_MLX_CPU_KERNELS=0)"
+    return f"CPU kernels (quantized matmul, int8-KV attention, SEANet convolutions) {state}"
+
+
+def threads() -> int:
+    """Cores this process may use (the affinity mask, not the host's count, in containers)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _applies(x: mx.array) -> bool:
+    """float32 on the CPU backend with the kernels built: the only case they handle."""
+    return x.dtype == mx.float32 and mx.default_device() == mx.cpu and _module() is not None
+
+
+def _run(fn, arrays: list, out_shape: tuple[int, ...], *sizes) -> mx.array:
+    """Run a kernel on evaluated, contiguous inputs (None passes through) into a new float32
+    array. The kernels read MLX's buffers in place, so this is a synchronisation point:
+    cheap next to the work each call does."""
+    arrays = [mx.contiguous(a) if isinstance(a, mx.array) else a for a in arrays]
+    mx.eval(*(a for a in arrays if isinstance(a, mx.array)))
+    out = np.empty(out_shape, np.float32)
+    fn(*arrays, out, *sizes, threads())
+    return mx.array(out)
+
+
+# -- quantized matmul ---------------------------------------------------------------------------
+
+def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, bits: int,
+                     group_size: int) -> mx.array | None:
+    """x [..., K] · dequantize(weight)ᵀ → [..., N] for 1-8 rows of x (token-by-token
+    decoding), or None."""
+    rows = x.size // max(1, x.shape[-1])
+    if not (_applies(x) and bits in (4, 8) and group_size % 32 == 0 and 1 <= rows <= QMATMUL_MAX_ROWS
+            and scales.dtype in (mx.bfloat16, mx.float32) and biases.dtype == scales.dtype):
+        return None
+    N, K = weight.shape[0], x.shape[-1]
+    y = _run(_module().quantized_matmul, [x.reshape(rows, K), weight, scales, biases], (rows, N),
+             rows, N, K, bits, group_size, int(scales.dtype == mx.bfloat16))
+    return y.reshape(*x.shape[:-1], N)
+
+
+# -- attention over an int8 KV cache ------------------------------------------------------------
+
+def attend_int8(q: mx.array, keys: mx.array, key_scales: mx.array, values: mx.array, value_scales: mx.array,
+                valid: int, scale: float) -> mx.array | None:
+    """One query step q [B, H, 1, Dh] over the first `valid` slots of int8 keys/values
+    [B, H, slots, Dh] (scales [B, H, slots, 1]), or None."""
+    B, H, T, Dh = q.shape
+    if T != 1 or Dh % 8 or Dh > 256 or mx.default_device() != mx.cpu or _module() is None:
+        return None
+    q2 = q.astype(mx.float32).reshape(B * H, Dh)
+    out = _run(_module().attend_int8, [q2, keys, key_scales, values, value_scales], (B * H, Dh),
+               B * H, keys.shape[2], valid, Dh, scale)
+    return out.reshape(B, H, 1, Dh).astype(q.dtype)
+
+
+# -- SEANet's convolutions -----------------------------------------------------------------------
+
+def pack_conv_weight(weight: mx.array) -> np.ndarray:
+    """[C_out, K, C_in] → the kernels' layout [ceil(C_out/16), K·C_in, 16] (zero-padded)."""
+    c_out = weight.shape[0]
+    m = np.array(weight.astype(mx.float32)).reshape(c_out, -1).T  # [K·C_in, C_out]
+    blocks = -(-c_out // CONV_COLS)
+    p = np.zeros((m.shape[0], blocks * CONV_COLS), np.float32)
+    p[:, :c_out] = m
+    return np.ascontiguousarray(p.reshape(m.shape[0], blocks, CONV_COLS).transpose(1, 0, 2))
+
+
+def conv1d(previous: mx.array | None, x: mx.array, packed, bias: mx.array | None, c_out: int, kernel_size: int,
+           stride: int, dilation: int, elu_input: bool) -> mx.array | None:
+    """conv(act(previous ‖ x)) + bias without padding (see modules/conv.valid_conv), or
+    None. `packed` is a callable returning `pack_conv_weight(weight)` (made on first use)."""
+    if not _applies(x):
+        return None
+    B, T, C = x.shape
+    ctx = 0 if previous is None else previous.shape[1]
+    T_out = (ctx + T - (kernel_size - 1) * dilation - 1) // stride + 1
+    return _run(_module().conv1d, [previous, x, packed(), bias], (B, T_out, c_out),
+                B, ctx, T, T_out, C, c_out, kernel_size, stride, dilation, int(elu_input))
+
+
+def residual_block(previous: mx.array | None, x: mx.array, packed1, bias1: mx.array | None, packed2,
+                   bias2: mx.array | None, hidden: int, kernel_size: int, dilation: int) -> mx.array | None:
+    """SEANet's x + conv2(elu(conv1(elu(previous ‖ x)))) with conv2 of kernel 1, in one
+    pass whose hidden activations never leave the cache; or None."""
+    if not _applies(x) or x.shape[1] == 0:
+        return None
+    B, T, C = x.shape
+    ctx = 0 if previous is None else previous.shape[1]
+    return _run(_module().residual_block, [previous, x, packed1(), bias1, packed2(), bias2], (B, T, C),
+                B, ctx, T, C, hidden, kernel_size, dilation)
