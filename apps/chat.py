@@ -2,7 +2,7 @@
 
 Live: microphone and speakers through sounddevice (PortAudio) at 24 kHz mono (resampled
 when a device runs at another rate); the audio callbacks only move buffers, the main
-thread runs echo cancellation, Mimi and the LM (moshi_mlx.duplex.LiveLoop), with lag
+thread runs echo cancellation, Mimi and the LM (moshi_mlx.sessions.live.LiveLoop), with lag
 control and a status line. Or over a recording (`--input-file IN.wav --output-file OUT.wav`):
 the same per-frame pipeline, at full speed.
 """
@@ -27,15 +27,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"converted directory, Kyutai checkpoint directory or repo id (default {DEFAULT_MODEL})")
     p.add_argument("-q", "--quantize", type=int, choices=[4, 8], default=None,
                    help="quantize a full-precision checkpoint while loading")
-    p.add_argument("--temp", type=float, default=0.8, help="audio sampling temperature (0 = greedy)")
-    p.add_argument("--temp-text", type=float, default=0.7, help="text sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=250, help="audio top-k")
-    p.add_argument("--top-k-text", type=int, default=25, help="text top-k")
+    p.add_argument("--temp", type=_temperature, default=0.8, help="audio sampling temperature (0 = greedy)")
+    p.add_argument("--temp-text", type=_temperature, default=0.7, help="text sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=_top_k, default=250, help="audio top-k (0 = no limit)")
+    p.add_argument("--top-k-text", type=_top_k, default=25, help="text top-k (0 = no limit)")
+    p.add_argument("--top-p", type=_top_p, default=0.0,
+                   help="audio nucleus sampling, 0..1 (0 = off; takes precedence over top-k)")
+    p.add_argument("--top-p-text", type=_top_p, default=0.0,
+                   help="text nucleus sampling, 0..1 (0 = off; takes precedence over top-k)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--input-file", type=Path, default=None, help="the user's side, as an audio file")
-    p.add_argument("--output-file", type=Path, default=None, help="write Moshi's side here (24 kHz wav)")
-    p.add_argument("--record", type=Path, default=None, help="write both sides to a stereo wav (user, Moshi)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much audio")
+    p.add_argument("--output-file", type=Path, default=None,
+                   help="write Moshi's side here (24 kHz; .wav, .flac, .ogg or .mp3)")
+    p.add_argument("--record", type=Path, default=None,
+                   help="write both sides as stereo (user, Moshi; .wav, .flac, .ogg or .mp3)")
+    p.add_argument("--max-minutes", type=_minutes, default=None, help="stop after this much audio (> 0)")
     p.add_argument("--input-device", default=None, help="microphone (index or name; see --list-devices)")
     p.add_argument("--output-device", default=None, help="speakers (index or name; see --list-devices)")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
@@ -45,37 +51,80 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def load_session(args: argparse.Namespace):
-    from moshi_mlx.duplex import DuplexSession
-    from moshi_mlx.models.moshi import MoshiForConditionalGeneration
-    from moshi_mlx.tokenizer import TextTokenizer
+# argparse `type=` checks: a bad value is refused in one line (exit status 2) before anything
+# loads, instead of sampling garbage (a negative temperature) after a long model load.
+def _number(text: str, kind=float):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if kind is float and not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
-    model = MoshiForConditionalGeneration.from_pretrained(args.model, quantize=args.quantize)
-    cfg = model.config
-    tokenizer = TextTokenizer.from_pretrained(model.home, name=model.raw_config.get("tokenizer_name"),
-                                              padding_id=cfg.existing_text_padding_id,
-                                              end_of_padding_id=cfg.existing_text_end_padding_id)
-    return DuplexSession(model, tokenizer=tokenizer, temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
-                         top_k_text=args.top_k_text, seed=args.seed)
+
+def _temperature(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+def _top_k(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return value
+
+
+def _minutes(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def load_session(args: argparse.Namespace):
+    from moshi_mlx.models.loading import load
+    from moshi_mlx.sessions.duplex import DuplexSession
+
+    model = load(args.model, quantize=args.quantize)
+    return DuplexSession(model.lm, model.mimi, model.tokenizer, temp=args.temp, temp_text=args.temp_text,
+                         top_k=args.top_k, top_k_text=args.top_k_text, top_p=getattr(args, "top_p", 0.0),
+                         top_p_text=getattr(args, "top_p_text", 0.0), seed=args.seed)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moshi_mlx.audio import check_audio, output_format
     from moshi_mlx.errors import InputError
 
     if args.list_devices:
-        print(_sounddevice().query_devices())
-        return 0
+        return list_devices()
+    if args.input_file is not None and args.output_file is None and args.record is None:
+        raise InputError("--input-file needs --output-file and/or --record to write Moshi's side to")
+    # Everything that can be checked without the model is checked before it loads.
+    for out in (args.output_file, args.record):
+        if out is not None:
+            if not out.parent.exists():
+                raise InputError(f"{out.parent}: output directory does not exist")
+            if out.is_dir():
+                raise InputError(f"{out}: is a directory")
+            output_format(out)
     if args.input_file is None:
         return run_live(args)
-    if args.output_file is None and args.record is None:
-        raise InputError("--input-file needs --output-file and/or --record to write Moshi's side to")
-    for out in (args.output_file, args.record):
-        if out is not None and not out.parent.exists():
-            raise InputError(f"{out.parent}: output directory does not exist")
+    check_audio(args.input_file)
     return run_file(args)
 
 
 def run_file(args: argparse.Namespace) -> int:
+    """The duplex loop over a recording. Ctrl-C stops it and keeps what was produced so far."""
     from moshi_mlx.audio import read_audio, write_wav
 
     session = load_session(args)
@@ -86,24 +135,102 @@ def run_file(args: argparse.Namespace) -> int:
     frames = -(-len(user) // frame)
     padded = np.pad(user, (0, frames * frame - len(user)))
     moshi = np.zeros_like(padded)
+    # Moshi's words go to stdout as they come, unless they would tear the progress bar
+    # (both on one terminal): then they show in the bar and in full at the end.
+    show_text = not args.quiet_text
+    progress = _FileProgress(len(user) / rate, frame / rate)
+    stream_text = show_text and not (progress.bar is not None and sys.stdout.isatty())
+    words: list[str] = []
+    tail = ""  # the last words, shown in the bar
+    done = 0
     t0 = time.perf_counter()
-    for i in range(frames):
-        out = session.step(padded[i * frame:(i + 1) * frame])
-        moshi[i * frame:(i + 1) * frame] = out.pcm
-        if out.text and not args.quiet_text:
-            print(out.text, end="", flush=True)
+    try:
+        for i in range(frames):
+            out = session.step(padded[i * frame:(i + 1) * frame])
+            moshi[i * frame:(i + 1) * frame] = out.pcm
+            done = i + 1
+            if out.text and show_text:
+                words.append(out.text)
+                tail = (tail + out.text)[-40:]
+                if stream_text:
+                    print(out.text, end="", flush=True)
+            progress.update(done, tail if show_text and not stream_text else "")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        progress.close()
     elapsed = time.perf_counter() - t0
-    if not args.quiet_text:
-        print(flush=True)
-    moshi = moshi[: len(user)]
+    if show_text:
+        print("" if stream_text else "".join(words), flush=True)
+    total = len(user)
+    kept = min(done * frame, total)  # whole frames processed: the outputs stay on the frame clock
+    if kept == 0 and done < frames:
+        print("interrupted before the first frame: nothing written", file=sys.stderr)
+        return 130
+    user, moshi = user[:kept], moshi[:kept]
     if args.output_file is not None:
         write_wav(args.output_file, moshi, rate)
     if args.record is not None:
         write_wav(args.record, np.stack([user, moshi], axis=1), rate)
-    seconds = len(user) / rate
-    print(f"{frames} frames ({seconds:.1f} s) in {elapsed:.1f} s: {elapsed / max(frames, 1) * 1e3:.0f} ms per "
+    seconds = kept / rate
+    print(f"{done} frames ({seconds:.1f} s) in {elapsed:.1f} s: {elapsed / max(done, 1) * 1e3:.0f} ms per "
           f"80 ms frame ({seconds / max(elapsed, 1e-9):.2f}x real time)", file=sys.stderr)
+    if done < frames:
+        written = " and ".join(str(p) for p in (args.output_file, args.record) if p is not None)
+        print(f"interrupted: kept the first {seconds:.1f} s of {total / rate:.1f} s in {written}",
+              file=sys.stderr)
+        return 130
     return 0
+
+
+class _FileProgress:
+    """File mode's progress on stderr: a bar on a terminal; elsewhere (a log, a pipe) a plain
+    line when the first frame is done (the model runs) and then every EVERY seconds."""
+
+    EVERY = 5.0
+
+    def __init__(self, total_seconds: float, frame_seconds: float):
+        self.total, self.frame_seconds = total_seconds, frame_seconds
+        self.bar, self.next_line = None, 0.0
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(total_seconds, 1), unit="s", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]{postfix}")
+
+    def update(self, frames_done: int, text: str = "") -> None:
+        seconds = min(frames_done * self.frame_seconds, self.total)
+        if self.bar is not None:
+            self.bar.n = round(seconds, 1)
+            if text:
+                self.bar.set_postfix_str(text.replace("\n", " "), refresh=False)
+            self.bar.refresh()
+        elif time.monotonic() >= self.next_line:
+            self.next_line = time.monotonic() + self.EVERY
+            print(f"progress: {seconds:.1f} / {self.total:.1f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def list_devices() -> int:
+    sd = _sounddevice()
+    devices = sd.query_devices()
+    if len(devices) == 0:
+        from moshi_mlx.errors import MoshiMlxError
+
+        raise MoshiMlxError(_no_devices(sd))
+    print(devices)
+    return 0
+
+
+def _no_devices(sd) -> str:
+    """Why PortAudio lists nothing, in the terms a user can act on."""
+    apis = ", ".join(api["name"] for api in sd.query_hostapis()) or "none"
+    return (f"no audio devices found: PortAudio (host APIs: {apis}) sees no sound card and no sound server "
+            "(PulseAudio/PipeWire): none running for this user, no permission on /dev/snd, or a container "
+            "without audio; --input-file/--output-file work without devices")
 
 
 def _sounddevice():
@@ -127,10 +254,12 @@ def run_live(args: argparse.Namespace) -> int:
     import soxr
 
     from moshi_mlx.aec import EchoCanceller
-    from moshi_mlx.duplex import LiveLoop
+    from moshi_mlx.sessions.live import LiveLoop
     from moshi_mlx.errors import MoshiMlxError
 
     sd = _sounddevice()
+    if len(sd.query_devices()) == 0:
+        raise MoshiMlxError(_no_devices(sd))
     try:
         in_info = sd.query_devices(_device(args.input_device), "input")
         out_info = sd.query_devices(_device(args.output_device), "output")
@@ -172,6 +301,8 @@ def run_live(args: argparse.Namespace) -> int:
             outdata[:n, 0] = out_pending[:n]
             outdata[n:, 0] = 0.0
             out_pending = out_pending[n:]
+        # what the device got, and its own underrun flag: the summary and the status line count these
+        loop.count_device_output(frames, n, underflow=bool(status.output_underflow))
 
     def pump_once() -> None:  # resample device blocks, run the model, resample Moshi's audio
         nonlocal out_pending
@@ -190,8 +321,7 @@ def run_live(args: argparse.Namespace) -> int:
 
     def report() -> None:  # status line, twice a second
         while not loop.stop_event.wait(0.5):
-            print(f"\r[{loop.step_ms:5.0f} ms/step, {80.0 / max(loop.step_ms, 1e-3):4.2f}x real time, "
-                  f"latency {loop.latency_ms:5.0f} ms, dropped {loop.dropped_in}]", end="", file=sys.stderr)
+            print("\r" + loop.status_line(), end="", file=sys.stderr)
 
     # The model runs on this (the main) thread, where it was loaded and warmed up: MLX's
     # streams are per thread (since MLX 0.31.2), and a process that used MLX from a second
@@ -222,9 +352,7 @@ def run_live(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     if recorder is not None:
         recorder.close()
-    seconds = loop.frames * 0.08
-    print(f"session: {seconds:.1f} s, {loop.frames} frames, {loop.dropped_in} dropped, {loop.underruns} "
-          f"output underruns, {loop.step_ms:.0f} ms per step", file=sys.stderr)
+    print(loop.summary(), file=sys.stderr)
     return 0
 
 
@@ -238,10 +366,14 @@ class _Recorder:
 
         import soundfile as sf
 
+        from moshi_mlx.audio import file_mode, output_format
+
         self.path = path
+        fmt, subtype = output_format(path)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         os.close(fd)
-        self.file = sf.SoundFile(self.tmp, "w", samplerate=rate, channels=2, subtype="PCM_16", format="WAV")
+        os.chmod(self.tmp, file_mode())  # mkstemp's 0600 would ignore the umask
+        self.file = sf.SoundFile(self.tmp, "w", samplerate=rate, channels=2, subtype=subtype, format=fmt)
 
     def write(self, user: np.ndarray, out) -> None:
         self.file.write(np.clip(np.stack([user, out.pcm], axis=1), -1.0, 1.0))

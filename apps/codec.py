@@ -26,17 +26,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="codebooks to keep, 1..32 (default: all of the model's; Moshi uses 8)")
     p.add_argument("--model", default=DEFAULT_MIMI,
                    help=f"Mimi weights: file, directory or Hugging Face repo id (default {DEFAULT_MIMI})")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    # Only --quiet: across subcommands -q means "quantize" (convert, chat).
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (notices and warnings stay)")
     p.set_defaults(run=run_encode)
 
-    p = sub.add_parser("decode", help="Mimi codes (.safetensors) → wav file",
-                       description="Decode Mimi codes written by `moshi-mlx encode` to a 24 kHz wav file.")
+    p = sub.add_parser("decode", help="Mimi codes (.safetensors) → audio file (wav/flac/ogg/mp3)",
+                       description="Decode Mimi codes written by `moshi-mlx encode` to a 24 kHz audio file, in "
+                                   "the format its extension names (.wav, .flac, .ogg, .mp3).")
     p.add_argument("input", type=Path, help="codes file (.safetensors) from `moshi-mlx encode`")
-    p.add_argument("output", type=Path, help="wav file to write")
+    p.add_argument("output", type=Path, help="audio file to write: .wav (16-bit), .flac, .ogg (Vorbis) or .mp3")
     p.add_argument("--model", default=None,
                    help="Mimi weights (default: the model recorded in the codes file, else "
                         f"{DEFAULT_MIMI})")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(run=run_decode)
 
 
@@ -68,14 +70,15 @@ def encode_file(mimi, input_path: Path, num_quantizers: int | None = None, quiet
     rate, frame = mimi.sampling_rate, mimi.frame_size
     segment = mimi.SEGMENT_FRAMES * frame
     codes, pending, samples = [], np.zeros(0, np.float32), 0
-    with mimi.streaming(exact=True), _progress(round(info.seconds, 1), "s", quiet) as bar:
+    state = mimi.init_state(1, exact=True)
+    with _progress(round(info.seconds, 1), "s", quiet) as bar:
         def feed(pcm: np.ndarray) -> None:
-            c = mimi.encode_step(mx.array(pcm[None, None]), n)
+            c, _ = mimi.encode_step(mx.array(pcm[None, None]), state, n)
             mx.eval(c)
             codes.append(np.array(c))
             bar.update(min(len(pcm) / rate, bar.total - bar.n))
 
-        for block in iter_audio(input_path, rate, quiet=quiet):
+        for block in iter_audio(input_path, rate, quiet=False):  # notices are not progress: always shown
             samples += len(block)
             pending = np.concatenate([pending, block])
             while len(pending) >= segment:
@@ -94,9 +97,10 @@ def run_encode(args: argparse.Namespace) -> int:
     from safetensors.numpy import save_file
 
     from moshi_mlx import MimiModel
-    from moshi_mlx.audio import atomic_write
+    from moshi_mlx.audio import atomic_write, check_audio
 
     _check_output(args.output)
+    check_audio(args.input)  # a bad input fails before the (slow) model load
     mimi = MimiModel.from_pretrained(args.model)
     mimi._check_num_quantizers(args.num_quantizers)  # fail before reading the audio
     codes, samples = encode_file(mimi, args.input, args.num_quantizers, quiet=args.quiet)
@@ -106,7 +110,7 @@ def run_encode(args: argparse.Namespace) -> int:
         "frame_rate": str(mimi.config.frame_rate),
         "num_samples": str(samples),
         "num_quantizers": str(codes.shape[1]),
-        "model": str(args.model),
+        "model": _model_reference(args.model),
         "source": args.input.name,
     }
     atomic_write(args.output, lambda tmp: save_file({CODES_KEY: np.ascontiguousarray(codes, dtype=np.int32)}, tmp, metadata=metadata))
@@ -116,12 +120,33 @@ def run_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_reference(model: str) -> str:
+    """What the codes file records as its model: a local path made absolute, so that `decode`
+    finds it from any directory; a repo id as it is."""
+    from moshi_mlx.checkpoints.hub import is_local
+
+    return str(Path(model).expanduser().resolve()) if is_local(model) else str(model)
+
+
+def _load_recorded_mimi(args: argparse.Namespace, meta: dict[str, str]):
+    """The Mimi model for decoding: --model, else the one the codes file names."""
+    from moshi_mlx import MimiModel
+    from moshi_mlx.errors import MoshiMlxError
+
+    if args.model is not None or not meta.get("model"):
+        return MimiModel.from_pretrained(args.model or DEFAULT_MIMI)
+    try:
+        return MimiModel.from_pretrained(meta["model"])
+    except MoshiMlxError as e:
+        raise type(e)(f"{e} (the model recorded in {args.input}; pass --model to use another)") from None
+
+
 def read_codes(path: Path) -> tuple[np.ndarray, dict[str, str]]:
     """Codes [1, n, T] and metadata from a file written by `moshi-mlx encode`."""
     from safetensors import safe_open
 
     from moshi_mlx.errors import InputError
-    from moshi_mlx.weights import check_safetensors
+    from moshi_mlx.checkpoints.safetensors import check_safetensors
 
     if not path.is_file():
         raise InputError(f"{path}: no such codes file")
@@ -147,13 +172,13 @@ def run_decode(args: argparse.Namespace) -> int:
     import mlx.core as mx
     import soundfile as sf
 
-    from moshi_mlx import MimiModel
-    from moshi_mlx.audio import atomic_write
+    from moshi_mlx.audio import atomic_write, output_format
     from moshi_mlx.errors import InputError
 
     _check_output(args.output)
+    fmt, subtype = output_format(args.output)  # inputs and outputs are checked before the model loads
     codes, meta = read_codes(args.input)
-    mimi = MimiModel.from_pretrained(args.model or meta.get("model") or DEFAULT_MIMI)
+    mimi = _load_recorded_mimi(args, meta)
     mimi._check_codes(codes)  # range and count checked before anything is written
     if codes.shape[0] != 1:
         raise InputError(f"{args.input}: holds {codes.shape[0]} streams; decode expects one")
@@ -163,10 +188,12 @@ def run_decode(args: argparse.Namespace) -> int:
 
     def write(tmp: str) -> None:
         written = 0
-        with sf.SoundFile(tmp, "w", samplerate=rate, channels=1, subtype="PCM_16", format="WAV") as out, \
-                mimi.streaming(exact=True), _progress(round(total / rate, 1), "s", args.quiet) as bar:
+        state = mimi.init_state(1, exact=True)
+        with sf.SoundFile(tmp, "w", samplerate=rate, channels=1, subtype=subtype, format=fmt) as out, \
+                _progress(round(total / rate, 1), "s", args.quiet) as bar:
             for start in range(0, codes.shape[2], seg):
-                pcm = np.array(mimi.decode_step(mx.array(codes[..., start:start + seg])))[0, 0]
+                pcm, _ = mimi.decode_step(mx.array(codes[..., start:start + seg]), state)
+                pcm = np.array(pcm)[0, 0]
                 pcm = pcm[: max(0, total - written)]
                 out.write(np.clip(pcm, -1.0, 1.0))
                 written += len(pcm)

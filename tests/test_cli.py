@@ -57,7 +57,7 @@ def test_mp3_input(tmp_path, kyutai_mimi):
     mp3 = Path(__file__).resolve().parents[2] / "shared" / "audio" / "bria.mp3"
     assert mp3.exists(), f"test audio missing: {mp3}"
     out = tmp_path / "bria.safetensors"
-    cli("encode", mp3, out, "--model", kyutai_mimi[1], "-n", "2", "-q")
+    cli("encode", mp3, out, "--model", kyutai_mimi[1], "-n", "2", "--quiet")
     with safe_open(str(out), framework="numpy") as f:
         assert f.get_tensor("audio_codes").shape == (1, 2, 562)  # 44.96 s at 12.5 Hz
 
