@@ -108,4 +108,7 @@ def test_only_moshi_mlx_is_installed():
     assert importlib.util.find_spec("moshi_mlx.convert") is not None
     code = "import importlib.util,sys; sys.exit(any(importlib.util.find_spec(m) for m in ('apps','convert')))"
     assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
-    assert moshi_mlx.__version__
+    # installed under its own distribution name, not Kyutai's `moshi-mlx` (see README: Install)
+    from importlib.metadata import version
+
+    assert moshi_mlx.__version__ == version("moshi-mlx-port")
