@@ -5,7 +5,7 @@ from .cpu.blas import preload_blas as _preload_blas
 _preload_blas()
 
 __all__ = ["MimiConfig", "MimiModel", "LmConfig", "LMModel", "LMGen", "DuplexSession", "Sampler",
-           "MoshiForConditionalGeneration", "MoshiForCausalLM", "TextTokenizer", "load"]
+           "MoshiForConditionalGeneration", "MoshiForCausalLM", "SpeechToText", "TextTokenizer", "load"]
 __version__ = "0.1.0"
 
 # Public classes are imported on first use, so `import moshi_mlx` (e.g. by a benchmark
@@ -17,6 +17,7 @@ _LAZY = {
     "LMModel": "moshi_mlx.models.lm",
     "LMGen": "moshi_mlx.sessions.lmgen",
     "DuplexSession": "moshi_mlx.sessions.duplex",
+    "SpeechToText": "moshi_mlx.sessions.stt",
     "Sampler": "moshi_mlx.modules.sampling",
     "load": "moshi_mlx.models.loading",
     "MoshiForConditionalGeneration": "moshi_mlx.models.moshi",

@@ -246,6 +246,12 @@ class LMModel(nn.Module):
             tokens.append(prev)
         return mx.stack(tokens, axis=1)
 
+    def extra_head_probs(self, transformer_out: mx.array) -> mx.array:
+        """The extra heads (STT's semantic VAD) on a step's normed temporal output [B, 1, dim]
+        → softmax probabilities [B, heads, classes] (Kyutai's LMGen.step_with_extra_heads)."""
+        return mx.stack([mx.softmax(head(transformer_out[:, 0]).astype(mx.float32), axis=-1)
+                         for head in self.extra_heads], axis=1)
+
     def initial_tokens(self, batch: int) -> mx.array:
         """[B, K, 1]: text_card for text (the start token), card for every audio stream."""
         cfg = self.config

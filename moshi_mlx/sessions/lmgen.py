@@ -50,6 +50,7 @@ class LMGen:
         self.batch_size = 0
         self.cache: np.ndarray | None = None
         self.state = None  # the LM's KV caches (TransformerState), made by reset()
+        self.transformer_out: mx.array | None = None  # the last step's (normed) temporal output
 
     @property
     def _cfg(self) -> bool:
@@ -103,6 +104,7 @@ class LMGen:
                 null[:, 0] = ZERO_TOKEN
             inputs = np.concatenate([inputs, null], axis=0)
         transformer_out, text_logits = lm.step_text(mx.array(inputs[:, :, None].astype(np.int32)), self.state)
+        self.transformer_out = transformer_out[: self.batch_size]  # [B, 1, dim], for the extra heads
         text = self.text_sampler(self._guide(text_logits[:, 0], text=True), self.keys.next())
         if self.on_text_hook is not None:
             self.on_text_hook(text)
