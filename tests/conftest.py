@@ -126,8 +126,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def speech_pcm(seconds: float = 12.0) -> np.ndarray:
-    """Real read speech (../shared/audio/bria.mp3), mono 24 kHz float32, `seconds` long.
-    (The same as reference.speech_pcm, without importing torch.)"""
+    """Real read speech (../shared/audio/bria.mp3), mono 24 kHz float32, `seconds` long."""
     from moshi_mlx.audio import read_audio
 
     path = TESTS.parents[1] / "shared" / "audio" / "bria.mp3"

@@ -124,16 +124,11 @@ def save_kyutai_mimi(mimi, path) -> None:
 
 
 def speech_pcm(seconds: float = 12.0) -> np.ndarray:
-    """Real read speech (../shared/audio/bria.mp3), mono 24 kHz float32, `seconds` long."""
-    from pathlib import Path
+    """Real read speech (../shared/audio/bria.mp3), mono 24 kHz float32, `seconds` long (the
+    torch-free helper in conftest.py, here for the reference tests that import this module)."""
+    from conftest import speech_pcm as read
 
-    from moshi_mlx.audio import read_audio
-
-    path = Path(__file__).resolve().parents[2] / "shared" / "audio" / "bria.mp3"
-    if not path.exists():
-        raise FileNotFoundError(f"test audio missing: {path} (see ../shared/audio/README.md)")
-    pcm = read_audio(path, 24000).pcm
-    return pcm[: int(seconds * 24000)]
+    return read(seconds)
 
 
 def tiny_lm_kwargs(**overrides) -> dict:
