@@ -171,6 +171,8 @@ def plan_conversion(source, revision=None, spec=None, dtype=None, lora=None, lor
     config = model.config.to_dict()
     for k in ("moshi_name", "mimi_name", "tokenizer_name"):
         config.pop(k, None)
+    if ckpt.raw_config.get("model_id"):
+        config["model_id"] = ckpt.raw_config["model_id"]
     embedded = {k[len("audio_encoder."):]: v for k, v in ckpt.state.items() if k.startswith("audio_encoder.")}
     if embedded:
         config["mimi_config"] = ckpt.raw_config.get("audio_encoder_config") or {}
@@ -201,9 +203,16 @@ Converted with `moshi-mlx convert` on {_dt.date.today().isoformat()}.
 Run it:
 
 ```bash
-moshi-mlx chat --model DIR        # or: MoshiForConditionalGeneration.from_pretrained("DIR")
+{_run_hint(plan.config.get("model_type"))}
 ```
 """
+
+
+def _run_hint(model_type: str | None) -> str:
+    if model_type == "stt":
+        return 'moshi-mlx transcribe --model DIR speech.wav   # or: SpeechToText.from_pretrained("DIR")'
+    return 'moshi-mlx chat --model DIR        # or: MoshiForConditionalGeneration.from_pretrained("DIR")'
+
 
 
 def _upload(path: Path, repo: str) -> None:

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "convert": ("moshi_mlx.convert.convert", "PyTorch/transformers Moshi checkpoint (+ LoRA) → (quantized) MLX "
                                              "directory"),
     "chat": ("moshi_mlx.apps.chat", "talk with Moshi: microphone and speakers, or a recording"),
+    "transcribe": ("moshi_mlx.apps.transcribe", "speech to text (Kyutai STT): audio files or the microphone"),
 }
 
 

@@ -2,8 +2,8 @@
 
 What is quantized: every Linear and Embedding whose input size is a multiple of the group
 size (for Moshi: all attention, feed-forward, projection and output matrices and the
-embedding tables: MLX's default predicate, as in Kyutai's published MLX files). Norms stay
-in full precision. Defaults: 4-bit with groups of 32, 8-bit with groups of 64. 4-bit scales
+embedding tables: MLX's default predicate, as in Kyutai's published MLX files). Norms and
+the STT models' tiny semantic-VAD heads stay in full precision. Defaults: 4-bit with groups of 32, 8-bit with groups of 64. 4-bit scales
 and biases are stored in bfloat16 (as in Kyutai's MLX files): a 7B q4 model is then 4.4 GB
 instead of 5.3 GB, MLX's CPU kernel is as fast with them, and bf16's 0.4% rounding is
 negligible next to a 4-bit step (1/15). 8-bit steps are 1/255 ≈ 0.4%, the same size, so
@@ -123,6 +123,12 @@ def _quantizable(module: nn.Module, spec: QuantizationSpec) -> bool:
     return module.weight.shape[-1] % spec.group_size == 0
 
 
+def _kept(path: str) -> bool:
+    # The semantic-VAD heads of STT models (6 × dim each): nothing to save, and their
+    # probabilities are compared against thresholds.
+    return path.startswith("extra_heads.")
+
+
 def quantize_model(model: nn.Module, spec: QuantizationSpec, modules: frozenset[str] | None = None) -> nn.Module:
     """Replace quantizable layers in place (lazily: nothing is evaluated here). `modules`:
     exactly these layer paths (what a quantized file holds), instead of the default rule."""
@@ -130,7 +136,7 @@ def quantize_model(model: nn.Module, spec: QuantizationSpec, modules: frozenset[
     def convert(path: str, m: nn.Module):
         if not isinstance(m, (nn.Linear, nn.Embedding)):
             return m
-        if (path not in modules) if modules is not None else not _quantizable(m, spec):
+        if (path not in modules) if modules is not None else not _quantizable(m, spec) or _kept(path):
             return m
         if isinstance(m, nn.Embedding):
             q = nn.QuantizedEmbedding.from_embedding(m, spec.group_size, spec.bits)

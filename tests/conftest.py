@@ -184,3 +184,27 @@ def chat_model_dir(tmp_path_factory, kyutai_mimi):
     cfg.update(mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model")
     (d / "config.json").write_text(json.dumps(cfg))
     return d
+
+
+@pytest.fixture(scope="session")
+def stt_model_dir(tmp_path_factory, kyutai_mimi, chat_model_dir):
+    """A Kyutai-style STT directory (model_type "stt", dep_q 0, 32 codebooks, 4 semantic-VAD
+    heads, stt-1b's delay) whose text vocabulary is the tiny tokenizer's, so that random
+    weights still spell words."""
+    import json
+    import shutil
+
+    import reference as R
+
+    d = tmp_path_factory.mktemp("stt-model")
+    kwargs = R.tiny_lm_kwargs(text_card=25, n_q=32, dep_q=0, delays=[0] * 33, context=16,
+                              extra_heads_num_heads=4, extra_heads_dim=6)
+    R.save_kyutai_lm(R.random_kyutai_lm(kwargs, seed=43), d, kwargs)
+    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    shutil.copy(chat_model_dir / "tok.model", d / "tok.model")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="stt", mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model", model_id="test/stt-tiny",
+               stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
+               lm_gen_config={"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 50})
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d

@@ -92,8 +92,10 @@ def test_transcription_matches_pytorch(stt_dir, kyutai_mimi, prefix_s, delay_s):
                             for i in range(0, len(padded), FRAME)], -1)
     equal = assert_codes_match(codes, want_codes, latent, stt.mimi, min_equal=0.99)
     # The LM half, on the same codes: identical text tokens, the same VAD probabilities.
-    stream = stt.stream()
-    tokens, probs = zip(*(stream.step_codes(want_codes[:, :, t]) for t in range(want_codes.shape[-1])))
+    stream = stt.stream(keep_history=True)
+    for t in range(want_codes.shape[-1]):
+        stream.step_codes(want_codes[:, :, t])
+    tokens, probs = zip(*stream.history)
     np.testing.assert_array_equal(np.concatenate(tokens), want_tokens)
     np.testing.assert_allclose(np.concatenate(probs), want_probs, atol=1e-4, rtol=0)
     assert np.abs(want_probs[:, :, 0] - want_probs[:, :, 0].mean()).max() > 1e-2  # the heads do vary
@@ -117,8 +119,10 @@ def test_two_streams_on_one_model_equal_alone(stt_dir):
     sa, sb = stt.stream(), stt.stream()
     got_a, got_b = [], []
     for i in range(0, len(a), FRAME):
-        got_a.append(int(sa.step(a[i:i + FRAME])[0][0]))
-        got_b.append(int(sb.step(b[i:i + FRAME])[0][0]))
+        sa.step_frames(a[None, i:i + FRAME])
+        sb.step_frames(b[None, i:i + FRAME])
+        got_a.append(int(sa.last_tokens[0]))
+        got_b.append(int(sb.last_tokens[0]))
     np.testing.assert_array_equal(got_a, alone[0])
     np.testing.assert_array_equal(got_b, alone[1])
 
@@ -126,3 +130,32 @@ def test_two_streams_on_one_model_equal_alone(stt_dir):
 def test_chat_model_is_refused(chat_model_dir):
     with pytest.raises(InputError, match="not a speech-to-text one: use `moshi-mlx chat`"):
         SpeechToText.from_pretrained(chat_model_dir)
+
+
+def test_q8_conversion_drift(stt_dir, kyutai_mimi, tmp_path):
+    """`moshi-mlx convert -q 8` accepts an STT checkpoint (VAD heads kept in full precision)
+    and stays close to PyTorch, teacher-forced (the same codes, and PyTorch's text fed back,
+    so that one flip does not derail the rest): ≥ 90% of the text tokens identical and the
+    VAD probabilities within 0.05. (A tiny random model is a pessimistic case: its logits
+    are flat, where a trained model's are sharp.)"""
+    from moshi_mlx.cli import main as cli
+
+    ref_lm, d = stt_dir
+    out = tmp_path / "stt-q8"
+    assert cli(["convert", str(d), "-o", str(out), "--q-bits", "8"]) == 0
+    stt = SpeechToText.from_pretrained(out)
+    assert stt.has_vad and not hasattr(stt.lm.extra_heads[0], "scales")
+    assert "transcribe" in (out / "README.md").read_text()
+    pcm = R.speech_pcm(23.0)
+    want_tokens, want_probs, want_codes, _ = reference_run(ref_lm, kyutai_mimi[0], pcm, 0.0, 0.5)
+    stream = stt.stream(keep_history=True)
+    gen = stream.gen
+    for t in range(want_codes.shape[-1]):
+        stream.step_codes(want_codes[:, :, t])
+        gen.cache[0, 0, gen.offset % gen.cache.shape[2]] = want_tokens[t]  # teacher forcing
+    tokens, probs = (np.concatenate(x) for x in zip(*stream.history))
+    same = float((tokens == want_tokens).mean())
+    drift = float(np.abs(probs - want_probs).max())
+    print(f"\nq8, teacher-forced: text tokens equal {same:.2%}, VAD max |Δp| {drift:.4f}")
+    assert same >= 0.90
+    assert drift < 0.05

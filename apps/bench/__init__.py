@@ -11,26 +11,27 @@ SUBJECTS = {
     "mimi": "Mimi batch and streaming encode/decode vs moshi (PyTorch), transformers, rustymimi",
     "lm": "one Moshi LM step: moshi_mlx fp32/q8/q4 vs moshi (PyTorch) fp32/bf16, and 7B q4",
     "chat": "the duplex loop (DuplexSession) frame by frame",
+    "asr": "speech-to-text (SpeechToText) in Kyutai's STT shapes vs moshi (PyTorch), live and batched",
     "convert": "converting a synthetic 7B release to q4 and q8",
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks printed as tables (mimi, lm, chat, convert)",
+    p = sub.add_parser("bench", help="benchmarks printed as tables (mimi, lm, chat, asr, convert)",
                        description="Speed and memory benchmarks, measured side by side with the "
                                    "reference implementations that are installed. Subjects: "
                                    + "; ".join(f"{k}: {v}" for k, v in SUBJECTS.items()))
     p.add_argument("subject", choices=list(SUBJECTS), help="what to benchmark")
     p.add_argument("--audio", type=Path, default=None,
-                   help="mimi: audio file to use (default: 10 s of synthetic speech-like sound)")
-    p.add_argument("--seconds", type=float, default=10.0, help="mimi: clip length (default 10)")
+                   help="mimi, asr: audio file to use (default: synthetic speech-like sound)")
+    p.add_argument("--seconds", type=float, default=10.0, help="mimi, asr: clip length (default 10)")
     p.add_argument("--only", default=None,
                    help="mimi: comma-separated subset of moshi_mlx,moshi-torch,transformers,rustymimi")
     p.add_argument("--num-quantizers", type=int, default=8, help="mimi: codebooks (default 8, as Moshi)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--steps", type=int, default=20,
                    help="lm: timed steps per row (after 3 warm-up steps); chat: frames (at least 50)")
-    p.add_argument("--no-7b", action="store_true", help="lm: skip the full 7B q4 row (it takes minutes)")
+    p.add_argument("--no-7b", action="store_true", help="lm: skip the full 7B q4 row; asr: skip the 2.6B shape (they take minutes)")
     p.set_defaults(run=run)
 
 

@@ -396,7 +396,26 @@ def read(source: str | Path, revision: str | None = None) -> LmCheckpoint:
             config = {k: v for k, v in raw.items() if k not in _FILE_FIELDS}
     except KeyError as e:
         raise CheckpointError(f"{name}: config.json lacks {e}") from None
+    config.update(_extra_heads(state, config, name))
     return LmCheckpoint(config, raw, state, layout, name, home, paths)
+
+
+def _extra_heads(state: dict[str, mx.array], config: dict, name: str) -> dict:
+    """Kyutai's `-candle` STT repo ships the semantic-VAD heads (`extra_heads.N.weight`
+    [dim, d]) with a config.json that does not declare them: their count and size come
+    from the file. A config that declares them must agree with it."""
+    heads = sorted(int(m[1]) for k in state if (m := re.fullmatch(r"extra_heads\.(\d+)\.weight", k)))
+    if not heads:
+        return {}
+    if heads != list(range(len(heads))):
+        raise CheckpointError(f"{name}: extra heads numbered {heads}, expected 0 … {len(heads) - 1}")
+    declared = config.get("extra_heads_num_heads")
+    if declared is None:
+        return {"extra_heads_num_heads": len(heads), "extra_heads_dim": int(state["extra_heads.0.weight"].shape[0])}
+    if declared != len(heads):
+        raise CheckpointError(f"{name}: config.json says extra_heads_num_heads {declared}, the file has "
+                              f"{len(heads)} extra heads")
+    return {}
 
 
 def companion_files(ckpt: LmCheckpoint, revision: str | None = None) -> dict[str, Path]:

@@ -38,14 +38,20 @@ def load(source: str | Path, revision: str | None = None, dtype: mx.Dtype | None
          quantize: int | None = None, group_size: int | None = None, tokenizer: bool = True) -> LoadedModel:
     """LM, Mimi and tokenizer from one checkpoint (file, directory or repo id). The
     tokenizer is required when `tokenizer` (apps that show text), else loaded if present."""
-    ckpt = lm_ckpt.read(source, revision)
+    return load_checkpoint(lm_ckpt.read(source, revision), revision, dtype, quantize, group_size, tokenizer)
+
+
+def load_checkpoint(ckpt: lm_ckpt.LmCheckpoint, revision: str | None = None, dtype: mx.Dtype | None = None,
+                    quantize: int | None = None, group_size: int | None = None,
+                    tokenizer: bool = True) -> LoadedModel:
+    """`load` for a checkpoint already read (its config checked by the caller)."""
+    tok_path = lm_ckpt.companion_files(ckpt, revision).get("tokenizer_name")
+    if tok_path is None and tokenizer:  # before the weights load: fail fast
+        raise CheckpointError(f"{ckpt.source}: no text tokenizer (expected `tokenizer_name` in config.json or "
+                              f"{lm_ckpt.DEFAULT_TOKENIZER_NAME})")
     lm = lm_from_checkpoint(ckpt, dtype, quantize, group_size)
     mimi = MimiModel.for_lm(ckpt, revision)
     cfg = lm.config
-    tok_path = lm_ckpt.companion_files(ckpt, revision).get("tokenizer_name")
-    if tok_path is None and tokenizer:
-        raise CheckpointError(f"{source}: no text tokenizer (expected `tokenizer_name` in config.json or "
-                              f"{lm_ckpt.DEFAULT_TOKENIZER_NAME})")
     tok = None if tok_path is None else TextTokenizer(tok_path, cfg.existing_text_padding_id,
                                                        cfg.existing_text_end_padding_id)
     return LoadedModel(lm, mimi, tok, ckpt)

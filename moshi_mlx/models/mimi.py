@@ -389,20 +389,29 @@ class MimiModel(nn.Module):
         return h.transpose(0, 2, 1)
 
     # -- streaming --------------------------------------------------------------------------
-    def init_state(self, batch_size: int = 1, exact: bool = False) -> MimiState:
+    def init_state(self, batch_size: int = 1, exact: bool = False, max_frames: int | None = None) -> MimiState:
         """A fresh stream of `batch_size` items.
 
-        exact=False (default) streams like Kyutai's reference: attention caches are rings of
-        250 steps written before attending, so once full, the first query of a multi-step
-        chunk sees one key less than in batch mode. exact=True keeps the extra keys, so any
-        chunking (of up to SEGMENT_FRAMES frames per call) gives the batch result: that is
-        what the batch calls use.
+        exact=False (default) streams like Kyutai's reference fed one frame per call:
+        attention caches are rings of 250 steps written before attending, so once full, the
+        first query of a multi-step chunk sees one key less than in batch mode. With
+        `max_frames`, calls of up to that many frames give exactly what one call per frame
+        gives (offline transcription encodes whole seconds at once, several times faster).
+        exact=True keeps the extra keys, so any chunking (of up to SEGMENT_FRAMES frames
+        per call) gives the batch result: that is what the batch calls use.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-        chunk = self.SEGMENT_FRAMES * self.upsample.stride if exact else None
-        return MimiState(batch_size, self.encoder.init_state(), self.encoder_transformer.init_state(chunk), None,
-                         None, self.decoder_transformer.init_state(chunk), self.decoder.init_state())
+        stride = self.upsample.stride  # transformer steps per frame
+        if exact:
+            chunk, ring = self.SEGMENT_FRAMES * stride, None
+        elif max_frames is not None:
+            chunk, ring = max_frames * stride, stride
+        else:
+            chunk, ring = None, None
+        return MimiState(batch_size, self.encoder.init_state(), self.encoder_transformer.init_state(chunk, ring_step=ring),
+                         None, None, self.decoder_transformer.init_state(chunk, ring_step=ring),
+                         self.decoder.init_state())
 
     def _check_batch(self, x: mx.array, state: MimiState, what: str) -> None:
         if not isinstance(state, MimiState):

@@ -102,12 +102,19 @@ def sin_embedding(positions: np.ndarray, dim: int, max_period: float) -> mx.arra
     return mx.concatenate([mx.cos(phase), mx.sin(phase)], axis=-1)
 
 
-def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None) -> mx.array | None:
-    """Boolean [Tq, Tk] mask: key visible if written, not in the future, within the context."""
+def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None,
+                    ring_step: int | None = None) -> mx.array | None:
+    """Boolean [Tq, Tk] mask: key visible if written, not in the future, within the context.
+
+    ring_step=r: what Kyutai's ring of `context` entries shows when it is fed r steps per
+    call (written before attending): the i-th query of a call (i = pos mod r) sees only
+    context − (r − 1 − i) keys. Calls of several r-step chunks then give the same result
+    as one call per chunk."""
     delta = pos_q[:, None] - pos_k[None, :]
     ok = (pos_k[None, :] >= 0) & (delta >= 0)
     if context is not None:
-        ok &= delta < context
+        window = context if ring_step is None else context - (ring_step - 1 - pos_q % ring_step)[:, None]
+        ok &= delta < window
     if ok.all():
         return None
     return mx.array(ok)
@@ -238,6 +245,7 @@ class TransformerState:
     caches: list[KVCache]
     max_chunk: int  # steps one call may hold; longer inputs are split
     offset: int = 0
+    ring_step: int | None = None  # see _attention_mask
 
 
 class Transformer(nn.Module):
@@ -281,21 +289,24 @@ class Transformer(nn.Module):
         return self.step(x, self.init_state(exact_chunk=self.BATCH_BLOCK))[0]
 
     def init_state(self, exact_chunk: int | None = None, capacity: int | None = None,
-                   kv_bits: int | str | None = "auto") -> TransformerState:
+                   kv_bits: int | str | None = "auto", ring_step: int | None = None) -> TransformerState:
         """A fresh stream.
 
         exact_chunk=None: Kyutai's ring of `context` entries, written before attending (the
         reference streaming semantics). exact_chunk=N: caches of context + N − 1 entries, so
         chunks of up to N steps see exactly what batch attention sees. `capacity` sets the
         cache size of a model without a context (the depformer: its steps per frame).
-        kv_bits: "auto" (see _cache_bits), None (compute dtype) or 8.
+        kv_bits: "auto" (see _cache_bits), None (compute dtype) or 8. ring_step=r (with
+        exact_chunk): chunks of up to exact_chunk steps give what Kyutai's ring gives for
+        r steps at a time (see _attention_mask).
         """
         if capacity is None:
             if self.cfg.context is None:
                 raise ValueError("streaming needs a finite attention context or a cache capacity")
             capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
         bits = self._cache_bits(capacity, kv_bits)
-        return TransformerState([KVCache(capacity, bits) for _ in self.layers], max_chunk=exact_chunk or capacity)
+        return TransformerState([KVCache(capacity, bits) for _ in self.layers], max_chunk=exact_chunk or capacity,
+                                ring_step=ring_step if exact_chunk else None)
 
     def step(self, x: mx.array, state: TransformerState) -> tuple[mx.array, TransformerState]:
         """x [B, T, D] after `state` → (y, state); the caches are updated in place."""
@@ -306,7 +317,7 @@ class Transformer(nn.Module):
         # Every layer's cache holds the same positions: build the mask once per step.
         pos_q = np.arange(state.offset, state.offset + T)
         pos_k = KVCache.positions(state.caches[0].capacity, state.offset + T)
-        mask = _attention_mask(pos_q, pos_k, self.cfg.context) if self.cfg.causal else None
+        mask = _attention_mask(pos_q, pos_k, self.cfg.context, state.ring_step) if self.cfg.causal else None
         x = self._add_positions(x, state.offset)
         for layer, cache in zip(self.layers, state.caches):
             x = layer(x, cache, state.offset, mask)

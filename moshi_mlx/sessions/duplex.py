@@ -49,7 +49,7 @@ class DuplexSession:
             model = self.lm.config.model_type or "text-only"
             raise InputError(f"this checkpoint ({model} model, dep_q = 0) has no depformer, so it cannot speak: "
                              "the duplex chat needs a Moshi speech model (e.g. kyutai/moshiko-mlx-q4); "
-                             "speech-to-text checkpoints run with moshi_mlx.SpeechToText")
+                             "speech-to-text checkpoints run with `moshi-mlx transcribe` (moshi_mlx.SpeechToText)")
         self.mimi = mimi
         self.tokenizer = tokenizer
         self.n_user = self.lm.config.num_user_codebooks
