@@ -20,26 +20,6 @@ pytestmark = [pytest.mark.devices, pytest.mark.reference]
 
 
 @pytest.fixture(scope="module")
-def pulse(tmp_path_factory):
-    for tool in ("pulseaudio", "pactl", "paplay", "parecord", "espeak-ng"):
-        assert shutil.which(tool), f"{tool} missing: run scripts/test.sh (it installs the audio test packages)"
-    runtime = tmp_path_factory.mktemp("pulse-runtime")
-    os.chmod(runtime, 0o700)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime), "PULSE_RUNTIME_PATH": str(runtime / "pulse")}
-    subprocess.run(["pulseaudio", "-D", "-n", "--exit-idle-time=-1", "--disallow-exit", "--log-target=stderr",
-                    "--load=module-native-protocol-unix", "--load=module-null-sink sink_name=moshi_sink"],
-                   env=env, check=True, capture_output=True)
-    for _ in range(50):
-        if subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode == 0:
-            break
-        time.sleep(0.1)
-    subprocess.run(["pactl", "set-default-sink", "moshi_sink"], env=env, check=True)
-    subprocess.run(["pactl", "set-default-source", "moshi_sink.monitor"], env=env, check=True)
-    yield env
-    subprocess.run(["pulseaudio", "--kill"], env=env, capture_output=True)
-
-
-@pytest.fixture(scope="module")
 def model_dir(chat_model_dir):
     return chat_model_dir
 

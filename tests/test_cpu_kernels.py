@@ -44,6 +44,9 @@ def test_quantized_linear_matches_mlx(bits, group, scales):
         # Same arithmetic in another summation order: float32 rounding of a 384-term sum.
         err = np.abs(np.array(got) - np.array(want)).max() / np.abs(np.array(want)).max()
         assert err < 2e-6, (rows, err)
+        if used:  # each row exactly as alone: batched transcription relies on it
+            alone = np.concatenate([np.array(layer(x[i:i + 1])) for i in range(rows)])
+            np.testing.assert_array_equal(np.array(got), alone)
 
 
 def test_kernel_rejects_bad_buffers():

@@ -76,3 +76,24 @@ def test_kyutai_mlx_quantized_files_load(pytorch_src, tmp_path, bits):
     for k in pa:
         assert pa[k].dtype == pb[k].dtype, k
         assert mx.array_equal(pa[k], pb[k]).item(), k
+
+
+def test_kyutai_mlx_stt_layout(stt_model_dir, tmp_path):
+    """Kyutai's `-mlx` STT repos (kyutai/stt-1b-en_fr-mlx): the STT LM written by their MLX
+    code (no depformer; the VAD heads copied as they are) transcribes exactly as the PyTorch
+    release it came from."""
+    import shutil
+
+    from conftest import speech_pcm
+    from moshi_mlx.sessions.stt import SpeechToText
+
+    d = kyutai_write((None, stt_model_dir), tmp_path / "kmlx", 0)
+    for name in ("tok.model", "tokenizer-e351c8d8-checkpoint125.safetensors"):
+        shutil.copy(stt_model_dir / name, d / name)
+    keys = mx.load(str(d / "model.safetensors")).keys()
+    assert "audio_embs.0.weight" in keys and "extra_heads.0.weight" in keys
+    theirs, ours = SpeechToText.from_pretrained(d), SpeechToText.from_pretrained(stt_model_dir)
+    pcm = speech_pcm(6.0)
+    a, b = theirs.transcribe(pcm), ours.transcribe(pcm)
+    assert (a.tokens == b.tokens).all()
+    assert abs(a.pause_prob - b.pause_prob).max() < 1e-5

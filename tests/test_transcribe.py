@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moshi_mlx.cli import main
 from moshi_mlx.sessions.words import (EndOfTurn, EndWord, TurnConfig, TurnDetector, Word, WordTimer,
                                       words_from_events)
 
@@ -200,15 +199,15 @@ def test_twenty_minutes_in_flat_memory(stt, tmp_path):
 
     from conftest import speech_pcm
 
-    pcm = speech_pcm(60.0)
+    minute = np.resize(speech_pcm(60.0), 60 * 24000)  # the 45 s recording, looped to a minute
     path = tmp_path / "long.flac"
     with sf.SoundFile(path, "w", 24000, 1, format="FLAC") as f:
         for _ in range(20):
-            f.write(pcm)
+            f.write(minute)
     rss = []
 
     def on_step(steps):
-        if steps % 3750 == 0:  # every 5 minutes
+        if steps >= 3750 * (len(rss) + 1):  # every 5 minutes
             rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
     import time
@@ -327,3 +326,49 @@ def _root() -> bool:
     import os
 
     return os.geteuid() == 0
+
+
+@pytest.mark.devices
+def test_mic_captions_through_pulseaudio(pulse, stt_model_dir, tmp_path):
+    """`transcribe --mic --vad`: speech played into a PulseAudio null sink whose monitor is the
+    microphone; words are printed as they are decided; Ctrl-C flushes the last words and
+    writes what was said (-o), exit status 0."""
+    import signal
+    import time
+
+    out = tmp_path / "said.json"
+    proc = subprocess.Popen([sys.executable, "-m", "moshi_mlx", "transcribe", "--mic", "--vad", "--model",
+                             str(stt_model_dir), "-o", str(out)],
+                            env=pulse, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120  # model loading and warm-up first
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"transcribe exited early: {proc.stderr.read()}")
+            time.sleep(0.5)
+            streams = subprocess.run(["pactl", "list", "short", "source-outputs"], env=pulse, capture_output=True,
+                                     text=True)
+            if streams.stdout.strip():
+                break  # the microphone is open
+        clip = tmp_path / "speech.wav"
+        import soundfile as sf
+
+        from conftest import speech_pcm
+
+        sf.write(clip, speech_pcm(8.0), 24000)
+        subprocess.run(["paplay", str(clip)], env=pulse, check=True, timeout=60)  # the user speaks, 8 s
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "listening" in err, err
+    said = json.loads(out.read_text())
+    assert said["file"] == "microphone" and said["duration"] > 8.0
+    assert len(said["words"]) > 3 and "end_of_turns" in said
+    assert stdout.split()[:3] == " ".join(w["text"] for w in said["words"]).split()[:3]
+    assert all(0 <= w["start"] <= w["end"] <= said["duration"] + 1e-6 for w in said["words"])

@@ -156,10 +156,12 @@ class SttStream:
         """The end of the audio: right padding (delay + 1 s of silence, whole frames only) and
         the last word closed. The stream takes no audio afterwards."""
         rate = self.stt.sample_rate
+        end = self.samples_in / rate
+        for timer in self.timers:
+            timer.limit = end
         events = self.step(np.zeros((self.batch_size, self.stt.config.suffix_samples(rate)), np.float32))
         self.samples_in -= self.stt.config.suffix_samples(rate)
         self.flushed = True
-        end = self.samples_in / rate
         for timer in self.timers:
             events += timer.finish(end)
         return events
@@ -202,7 +204,7 @@ class SttStream:
                 turn = self.turns[b]
                 if any(isinstance(e, Word) for e in new):
                     turn.heard_word()
-                eot = turn.push(probs[b, :, 0], now=max(0.0, timer.steps / FRAME_RATE - timer.offset))
+                eot = turn.push(probs[b, :, 0], now=timer.clock())
                 if eot is not None:
                     events.append(eot)
         return events
@@ -253,7 +255,7 @@ class SpeechToText:
 
     def padded(self, pcm: np.ndarray) -> np.ndarray:
         """The silence before and after the audio, and whole frames only (see the docstring)."""
-        x = np.concatenate(list(self._padded_blocks([np.asarray(pcm, np.float32)], [0])))
+        x = np.concatenate(list(self._padded_blocks([np.asarray(pcm, np.float32)], [0, False])))
         return x[: len(x) // self.frame_size * self.frame_size]
 
     def _padded_blocks(self, blocks: Iterable[np.ndarray], count: list[int]) -> Iterator[np.ndarray]:
@@ -262,6 +264,7 @@ class SpeechToText:
         for block in blocks:
             count[0] += len(block)
             yield np.asarray(block, np.float32)
+        count[1] = True
         yield np.zeros(self.config.suffix_samples(rate), np.float32)
 
     def _frames(self, blocks: Iterable[np.ndarray], count: list[int]) -> Iterator[np.ndarray]:
@@ -283,6 +286,8 @@ class SpeechToText:
             raise InputError(f"audio must be mono samples [n] at {self.sample_rate} Hz, got shape {list(pcm.shape)}")
         if not np.all(np.isfinite(pcm)):
             raise InputError("audio contains NaN or Inf samples")
+        if pcm.size == 0:
+            raise InputError("audio is empty (no samples)")
         return [pcm]
 
     def transcribe(self, audio: AudioSource, turn: TurnConfig | None = None, quiet: bool = True) -> Transcript:
@@ -295,7 +300,7 @@ class SpeechToText:
         the same transcripts as one at a time, faster in total. `on_step(frames)` reports
         progress after each step."""
         n = len(audios)
-        counts = [[0] for _ in range(n)]
+        counts = [[0, False] for _ in range(n)]  # samples read, read to the end
         frames = [self._frames(self._blocks(a, quiet), c) for a, c in zip(audios, counts)]
         stream = self.stream(n, turn, keep_history=True)
         events: list[list[Event]] = [[] for _ in range(n)]
@@ -316,6 +321,9 @@ class SpeechToText:
                 active.append(list(alive))
             if not chunk:
                 break
+            for timer, count in zip(stream.timers, counts):
+                if count[1]:  # read to its end: times stay within the audio
+                    timer.limit = count[0] / self.sample_rate
             pcm = np.stack([np.concatenate(frames_of_stream) for frames_of_stream in zip(*chunk)])
             for e in stream.step_frames(pcm, active):
                 events[e.stream].append(e)

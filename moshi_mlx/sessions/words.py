@@ -66,10 +66,17 @@ class WordTimer:
         self.pieces: list[int] = []
         self.open = False  # a Word was emitted and its EndWord not yet
         self.last_stop = 0.0
+        self.limit: float | None = None  # the audio's length, once known (times stay within)
 
     def time(self, steps: int) -> float:
         """Seconds into the caller's audio when `steps` steps are done."""
-        return max(0.0, (steps - self.delay_steps) / FRAME_RATE - self.offset)
+        t = max(0.0, (steps - self.delay_steps) / FRAME_RATE - self.offset)
+        return t if self.limit is None else min(t, self.limit)
+
+    def clock(self) -> float:
+        """Seconds into the caller's audio that the steps done have heard."""
+        t = max(0.0, self.steps / FRAME_RATE - self.offset)
+        return t if self.limit is None else min(t, self.limit)
 
     def push(self, token: int) -> list[Event]:
         self.steps += 1
