@@ -66,6 +66,30 @@ def test_word_rule_offset_and_control_tokens():
     assert timer.finish(end=9.0) == []
 
 
+def test_stt_config_fields_are_checked():
+    """Missing or contradictory config.json fields: one line naming the field."""
+    from moshi_mlx.errors import MoshiMlxError
+    from moshi_mlx.sessions.stt import SttConfig
+
+    good = {"model_type": "stt", "dep_q": 0, "stt_config": {"audio_delay_seconds": 2.5,
+                                                              "audio_silence_prefix_seconds": 1.0}}
+    cfg = SttConfig.from_config(good)
+    assert (cfg.audio_delay_seconds, cfg.audio_silence_prefix_seconds, cfg.steps_of_delay) == (2.5, 1.0, 31)
+    assert SttConfig.from_config({**good, "stt_config": {"audio_delay_seconds": 2.5, "asr_delay_in_tokens": 32}}
+                                 ).steps_of_delay == 32
+    cases = [({**good, "stt_config": None}, "needs stt_config"),
+             ({**good, "stt_config": {"audio_silence_prefix_seconds": 1.0}}, "lacks audio_delay_seconds"),
+             ({**good, "stt_config": {"audio_delay_seconds": "soon"}}, "stt_config.audio_delay_seconds"),
+             ({**good, "dep_q": 8}, "dep_q is 8"),
+             ({**good, "model_type": "moshi"}, "model_type is 'moshi'"),
+             ({"model_type": None, "dep_q": 8}, "use `moshi-mlx chat`"),
+             ({"model_type": "tts", "dep_q": 16}, "use `moshi-mlx tts`")]
+    for config, message in cases:
+        with pytest.raises(MoshiMlxError, match=message.replace("(", r"\(")) as e:
+            SttConfig.from_config(config)
+        assert "\n" not in str(e.value)
+
+
 def test_turn_detector_follows_unmute():
     """EMA of head 2's pause probability; nothing in the first 12 steps; an end of turn only
     after a word, once per turn."""

@@ -101,14 +101,16 @@ TARGET static inline __attribute__((always_inline)) void run_rows(const Job *j, 
                 const int i0 = g * j->group + b * 32; /* first element of this 32-block */
                 __m256 w0, w1, w2, w3;
                 if (j->bits == 4) {
-                    /* 16 bytes = 32 nibbles; byte i holds elements 2i (low) and 2i+1 (high). */
-                    __m128i v = _mm_loadu_si128((const __m128i *)(wr + i0 / 2));
-                    __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
-                    __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
-                    w0 = u8_to_ps(lo);                     /* elements 0, 2, …, 14 */
-                    w1 = u8_to_ps(_mm_srli_si128(lo, 8));  /* 16, 18, …, 30 */
-                    w2 = u8_to_ps(hi);                     /* 1, 3, …, 15 */
-                    w3 = u8_to_ps(_mm_srli_si128(hi, 8));  /* 17, 19, …, 31 */
+                    /* 16 bytes = 32 nibbles; byte i holds elements 2i (low) and 2i+1 (high).
+                       Each half is widened to one byte per 32-bit lane straight from memory,
+                       then split into nibbles there: 2 shuffles per 32 weights, not 6. */
+                    const __m256i mask = _mm256_set1_epi32(0x0F);
+                    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i0 / 2)));
+                    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i0 / 2 + 8)));
+                    w0 = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));    /* elements 0, 2, …, 14 */
+                    w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));    /* 16, 18, …, 30 */
+                    w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));      /* 1, 3, …, 15 */
+                    w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));      /* 17, 19, …, 31 */
                 } else { /* 8 bits: byte i is element i */
                     const uint8_t *p = wr + i0;
                     w0 = u8_to_ps(_mm_loadl_epi64((const __m128i *)p));
