@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from moshi_mlx.sessions.stt import Transcript
 from moshi_mlx.sessions.words import Word
+
+if TYPE_CHECKING:  # importing the session would import MLX, and `transcribe --help` must not
+    from moshi_mlx.sessions.stt import Transcript
 
 FORMATS = {"text": ".txt", "json": ".json", "srt": ".srt", "vtt": ".vtt"}
 MAX_WORDS = 8

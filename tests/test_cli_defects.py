@@ -73,7 +73,7 @@ def test_help_never_imports_mlx():
 import sys
 from moshi_mlx.cli import main
 for argv in (["--help"], ["encode", "--help"], ["decode", "--help"], ["convert", "--help"], ["chat", "--help"],
-             ["bench", "--help"], ["--version"], ["-v", "encode", "--help"]):
+             ["bench", "--help"], ["transcribe", "--help"], ["--version"], ["-v", "encode", "--help"]):
     try:
         main(argv)
     except SystemExit as e:
