@@ -5,7 +5,8 @@ from .cpu.blas import preload_blas as _preload_blas
 _preload_blas()
 
 __all__ = ["MimiConfig", "MimiModel", "LmConfig", "LMModel", "LMGen", "DuplexSession", "Sampler",
-           "MoshiForConditionalGeneration", "MoshiForCausalLM", "SpeechToText", "TextTokenizer", "load"]
+           "MoshiForConditionalGeneration", "MoshiForCausalLM", "SpeechToText", "Transcript", "Word", "EndWord",
+           "EndOfTurn", "TurnConfig", "TextTokenizer", "load"]
 __version__ = "0.1.0"
 
 # Public classes are imported on first use, so `import moshi_mlx` (e.g. by a benchmark
@@ -18,6 +19,11 @@ _LAZY = {
     "LMGen": "moshi_mlx.sessions.lmgen",
     "DuplexSession": "moshi_mlx.sessions.duplex",
     "SpeechToText": "moshi_mlx.sessions.stt",
+    "Transcript": "moshi_mlx.sessions.stt",
+    "Word": "moshi_mlx.sessions.words",
+    "EndWord": "moshi_mlx.sessions.words",
+    "EndOfTurn": "moshi_mlx.sessions.words",
+    "TurnConfig": "moshi_mlx.sessions.words",
     "Sampler": "moshi_mlx.modules.sampling",
     "load": "moshi_mlx.models.loading",
     "MoshiForConditionalGeneration": "moshi_mlx.models.moshi",
