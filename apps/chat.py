@@ -184,13 +184,14 @@ def run_file(args: argparse.Namespace) -> int:
 
 
 class _FileProgress:
-    """File mode's progress on stderr: a bar on a terminal; elsewhere (a log, a pipe) a plain
-    line when the first frame is done (the model runs) and then every EVERY seconds."""
+    """Progress through a recording on stderr (chat's file mode, transcribe): a bar with ETA on
+    a terminal; elsewhere (a log, a pipe) a plain line when the first unit is done (the model
+    runs) and then every EVERY seconds. `update(done)` counts units of `unit_seconds` of audio."""
 
     EVERY = 5.0
 
-    def __init__(self, total_seconds: float, frame_seconds: float):
-        self.total, self.frame_seconds = total_seconds, frame_seconds
+    def __init__(self, total_seconds: float, unit_seconds: float):
+        self.total, self.frame_seconds = total_seconds, unit_seconds
         self.bar, self.next_line = None, 0.0
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -198,8 +199,8 @@ class _FileProgress:
             self.bar = tqdm(total=round(total_seconds, 1), unit="s", file=sys.stderr, dynamic_ncols=True,
                             bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]{postfix}")
 
-    def update(self, frames_done: int, text: str = "") -> None:
-        seconds = min(frames_done * self.frame_seconds, self.total)
+    def update(self, done: float, text: str = "") -> None:
+        seconds = min(done * self.frame_seconds, self.total)
         if self.bar is not None:
             self.bar.n = round(seconds, 1)
             if text:

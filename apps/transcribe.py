@@ -170,9 +170,11 @@ def transcribe_files(stt, args: argparse.Namespace, durations: list[float]):
     """[(file, Transcript)] in input order, `args.batch` files at a time."""
     from moshi_mlx.sessions.words import TurnConfig
 
+    from .chat import _FileProgress
+
     turn = TurnConfig(threshold=args.vad_threshold)
     total = sum(durations)
-    progress = _Progress(total)
+    progress = _FileProgress(total, 1.0)
     done_before = 0.0
     results = []
     t0 = time.perf_counter()
@@ -195,32 +197,6 @@ def transcribe_files(stt, args: argparse.Namespace, durations: list[float]):
     print(f"transcribed {total:.1f} s of audio in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.2f}x real time)",
           file=sys.stderr)
     return results
-
-
-class _Progress:
-    """A bar with ETA on a terminal; elsewhere a line every EVERY seconds."""
-
-    EVERY = 5.0
-
-    def __init__(self, total: float):
-        self.total, self.bar, self.next_line = total, None, time.monotonic() + self.EVERY
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=round(total, 1), unit="s", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]")
-
-    def update(self, seconds: float) -> None:
-        if self.bar is not None:
-            self.bar.n = round(min(seconds, self.total), 1)
-            self.bar.refresh()
-        elif time.monotonic() >= self.next_line:
-            self.next_line = time.monotonic() + self.EVERY
-            print(f"progress: {min(seconds, self.total):.1f} / {self.total:.1f} s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run_mic(args: argparse.Namespace, fmt: str) -> int:

@@ -235,3 +235,35 @@ def pulse(tmp_path_factory):
     subprocess.run(["pactl", "set-default-source", "moshi_sink.monitor"], env=env, check=True)
     yield env
     subprocess.run(["pulseaudio", "--kill"], env=env, capture_output=True)
+
+
+def wait_for_microphone(proc, env: dict, timeout: float = 120.0) -> None:
+    """Wait until `proc` (a client of the `pulse` server) has opened the microphone: model
+    loading and warm-up come first. Fails if it exits or takes longer."""
+    import subprocess
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.stderr.read()}")
+        time.sleep(0.5)
+        streams = subprocess.run(["pactl", "list", "short", "source-outputs"], env=env, capture_output=True,
+                                 text=True)
+        if streams.stdout.strip():
+            return
+    raise AssertionError(f"the microphone was not opened within {timeout:.0f} s")
+
+
+def interrupt(proc, timeout: float = 60.0) -> tuple[str, str]:
+    """Ctrl-C for a subprocess: SIGINT, then its (stdout, stderr) once it has exited (killed
+    and failed if it does not within `timeout`)."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise

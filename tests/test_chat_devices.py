@@ -4,9 +4,6 @@ a tiny random model; then SIGINT. The test command installs pulseaudio, libasoun
 libportaudio2 and espeak-ng; a missing one is a failure, not a skip."""
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +11,8 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
+
+from conftest import interrupt, wait_for_microphone
 
 pytestmark = [pytest.mark.devices, pytest.mark.reference]
 
@@ -37,14 +36,7 @@ def test_live_chat_through_pulseaudio(pulse, model_dir, tmp_path):
                              str(rec), "--temp", "0", "--temp-text", "0"],
                             env=pulse, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120  # model loading and warm-up first
-        while time.time() < deadline:
-            if chat.poll() is not None:
-                raise AssertionError(f"chat exited early: {chat.stderr.read()}")
-            time.sleep(0.5)
-            out = subprocess.run(["pactl", "list", "short", "source-outputs"], env=pulse, capture_output=True, text=True)
-            if out.stdout.strip():
-                break  # the microphone stream is open
+        wait_for_microphone(chat, pulse)
         subprocess.run(["paplay", str(speech)], env=pulse, check=True, timeout=30)  # the user speaks
         time.sleep(1.0)
         # Moshi keeps talking after the user stops: capture the sink to hear it there.
@@ -53,12 +45,7 @@ def test_live_chat_through_pulseaudio(pulse, model_dir, tmp_path):
                        env=pulse)
         time.sleep(0.5)
     finally:
-        chat.send_signal(signal.SIGINT)
-        try:
-            _, err = chat.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            chat.kill()
-            raise
+        _, err = interrupt(chat, timeout=30)
     assert chat.returncode == 0, err
     assert "session:" in err and "Traceback" not in err, err
     both, rate = sf.read(rec, dtype="float32")

@@ -357,23 +357,16 @@ def test_mic_captions_through_pulseaudio(pulse, stt_model_dir, tmp_path):
     """`transcribe --mic --vad`: speech played into a PulseAudio null sink whose monitor is the
     microphone; words are printed as they are decided; Ctrl-C flushes the last words and
     writes what was said (-o), exit status 0."""
-    import signal
     import time
+
+    from conftest import interrupt, wait_for_microphone
 
     out = tmp_path / "said.json"
     proc = subprocess.Popen([sys.executable, "-m", "moshi_mlx", "transcribe", "--mic", "--vad", "--model",
                              str(stt_model_dir), "-o", str(out)],
                             env=pulse, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120  # model loading and warm-up first
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"transcribe exited early: {proc.stderr.read()}")
-            time.sleep(0.5)
-            streams = subprocess.run(["pactl", "list", "short", "source-outputs"], env=pulse, capture_output=True,
-                                     text=True)
-            if streams.stdout.strip():
-                break  # the microphone is open
+        wait_for_microphone(proc, pulse)
         clip = tmp_path / "speech.wav"
         import soundfile as sf
 
@@ -383,12 +376,7 @@ def test_mic_captions_through_pulseaudio(pulse, stt_model_dir, tmp_path):
         subprocess.run(["paplay", str(clip)], env=pulse, check=True, timeout=60)  # the user speaks, 8 s
         time.sleep(1.0)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            stdout, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        stdout, err = interrupt(proc)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "listening" in err, err
     said = json.loads(out.read_text())
