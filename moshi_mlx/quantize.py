@@ -2,8 +2,10 @@
 
 What is quantized: every Linear and Embedding whose input size is a multiple of the group
 size (for Moshi: all attention, feed-forward, projection and output matrices and the
-embedding tables: MLX's default predicate, as in Kyutai's published MLX files). Norms and
-the STT models' tiny semantic-VAD heads stay in full precision. Defaults: 4-bit with groups of 32, 8-bit with groups of 64. 4-bit scales
+embedding tables: MLX's default predicate, as in Kyutai's published MLX files; for the TTS
+also the cross-attention). Norms, the STT models' tiny semantic-VAD heads, the TTS's
+conditioners (run once per utterance) and its low-rank / demux embedding tables (small, or
+read one row per step) stay in full precision. Defaults: 4-bit with groups of 32, 8-bit with groups of 64. 4-bit scales
 and biases are stored in bfloat16 (as in Kyutai's MLX files): a 7B q4 model is then 4.4 GB
 instead of 5.3 GB, MLX's CPU kernel is as fast with them, and bf16's 0.4% rounding is
 negligible next to a 4-bit step (1/15). 8-bit steps are 1/255 ≈ 0.4%, the same size, so
@@ -125,8 +127,9 @@ def _quantizable(module: nn.Module, spec: QuantizationSpec) -> bool:
 
 def _kept(path: str) -> bool:
     # The semantic-VAD heads of STT models (6 × dim each): nothing to save, and their
-    # probabilities are compared against thresholds.
-    return path.startswith("extra_heads.")
+    # probabilities are compared against thresholds. The TTS's conditioners run once per
+    # utterance (nothing to gain in speed) and Kyutai keeps them in float32.
+    return path.startswith(("extra_heads.", "condition_provider."))
 
 
 def quantize_model(model: nn.Module, spec: QuantizationSpec, modules: frozenset[str] | None = None) -> nn.Module:

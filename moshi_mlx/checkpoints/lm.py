@@ -4,6 +4,8 @@ quantized). Imports no model: the loader (models/loading.py) builds the model fr
 Layouts, told apart by key names (never by tensor shapes):
 - "kyutai": Kyutai's release `model.safetensors` (text_emb, emb.K, transformer.layers.N.
   self_attn.in_proj_weight, norm1.alpha [1, 1, D], gating.linear_in, depformer_in.K,
+  TTS: transformer.layers.N.cross_attention.in_proj_weight [3·D, D] (split here into q_proj
+  and kv_proj), norm_cross, condition_provider.conditioners.NAME.*,
   depformer.layers.L.self_attn.in_proj_weight with the per-step weights stacked on dim 0,
   depformer.layers.L.gating.K.*, linears.K). moshi's own state_dict() names the attention
   weights in_projs.{i}.weight / out_projs.{i}.weight instead; both are accepted. Kyutai's
@@ -148,6 +150,14 @@ def from_kyutai(state: dict[str, mx.array], params: LmLayoutParams) -> dict[str,
     for k, v in state.items():
         if k.endswith(".alpha"):  # RMSNorm: [1, 1, D] → [D]
             out[k] = v.reshape(-1)
+        elif m := re.fullmatch(r"transformer\.layers\.(\d+)\.cross_attention\.(in_proj_weight|in_projs\.0\.weight|"
+                               r"out_proj\.weight|out_projs\.0\.weight)", k):
+            prefix = f"transformer.layers.{m[1]}.cross_attention"
+            if m[2].startswith("in_proj"):  # [3·D, D]: queries, then keys and values of the source
+                d = v.shape[0] // 3
+                out[f"{prefix}.q_proj.weight"], out[f"{prefix}.kv_proj.weight"] = v[:d], v[d:]
+            else:
+                out[f"{prefix}.out_proj.weight"] = v
         elif m := re.fullmatch(r"(transformer|depformer)\.layers\.(\d+)\.self_attn\.(in_proj_weight|out_proj\.weight)", k):
             kind = "in_proj" if m[3] == "in_proj_weight" else "out_proj"
             prefix = f"{m[1]}.layers.{m[2]}.self_attn"

@@ -15,6 +15,8 @@ import mlx.nn as nn
 from ..checkpoints import lm as lm_ckpt
 from ..config import ConfigMixin
 from ..errors import CheckpointError
+from ..modules.conditioners import ConditionProvider, Conditions
+from ..modules.embedding import ScaledEmbedding, embed
 from ..modules.sampling import RandomKeys, Sampler
 from ..modules.transformer import Transformer, TransformerConfig, TransformerState, make_norm
 from ..quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model, scales_dtype
@@ -61,6 +63,13 @@ class LmConfig(ConfigMixin):
     delays: list[int] = field(default_factory=lambda: [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1])
     extra_heads_num_heads: int = 0
     extra_heads_dim: int = 6
+    # TTS models (kyutai/tts-1.6b-en_fr): two text streams muxed in one token, low-rank
+    # depformer embeddings, cross-attention to the conditioners' "cross" source.
+    demux_second_stream: bool = False
+    depformer_low_rank_embeddings: int | None = None
+    cross_attention: bool = False
+    conditioners: dict | None = None
+    fuser: dict | None = None
     # Application fields (Kyutai's STT/TTS repos and our converted directories), kept for the apps.
     moshi_name: str | None = None
     mimi_name: str | None = None
@@ -85,15 +94,15 @@ class LmConfig(ConfigMixin):
             raise ValueError("invalid LmConfig: " + "; ".join(problems))
 
     # Keys of Kyutai configs that only matter for training or for modules we do not have.
-    _IGNORED = {"conditioners", "fuser", "cross_attention", "demux_second_stream", "quantization",
-                "text_card_out", "norm_emb", "bias_proj", "depformer_low_rank_embeddings",
-                "depformer_norm", "gradient_checkpointing"}
+    _IGNORED = {"quantization", "text_card_out", "norm_emb", "bias_proj", "depformer_norm",
+                "gradient_checkpointing"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LmConfig":
-        unsupported = [k for k in ("demux_second_stream", "depformer_low_rank_embeddings", "norm_emb",
-                                   "depformer_norm", "text_card_out", "cross_attention")
+        unsupported = [k for k in ("norm_emb", "depformer_norm", "text_card_out", "bias_proj")
                        if d.get(k) not in (None, False, d.get("text_card") if k == "text_card_out" else None)]
+        if bool(d.get("cross_attention")) and not (d.get("fuser") or {}).get("cross"):
+            unsupported.append("cross_attention without a fuser 'cross' condition")
         if unsupported:
             raise ValueError(f"LM config uses features moshi_mlx does not support yet: {unsupported}")
         return super().from_dict(d)
@@ -117,7 +126,7 @@ class LmConfig(ConfigMixin):
             d_model=self.dim, num_heads=self.num_heads, num_layers=self.num_layers,
             dim_feedforward=int(self.hidden_scale * self.dim), context=self.context, causal=self.causal,
             max_period=self.max_period, positional_embedding=self.positional_embedding, norm=self.norm,
-            gating=self.gating, layer_scale=self.layer_scale)
+            gating=self.gating, layer_scale=self.layer_scale, cross_attention=self.cross_attention)
 
     def depformer(self) -> TransformerConfig:
         ff = self.depformer_dim_feedforward
@@ -134,11 +143,11 @@ class LmConfig(ConfigMixin):
             weights_per_step_schedule=self.depformer_weights_per_step_schedule)
 
 
-def embed(table: nn.Module, tokens: mx.array, dtype: mx.Dtype | None = None) -> mx.array:
-    """Embedding lookup where −1 gives zeros (Kyutai's ScaledEmbedding zero_idx), in the
-    compute dtype (a quantized table dequantizes to its scales' dtype)."""
-    y = table(mx.maximum(tokens, 0)).astype(dtype or compute_dtype())
-    return y * (tokens >= 0)[..., None].astype(y.dtype)
+def _embedding(num: int, dim: int, low_rank: int | None = None, demux: bool = False) -> nn.Module:
+    """A plain table (quantizable) unless Kyutai's low-rank / demux options are on."""
+    if low_rank or demux:
+        return ScaledEmbedding(num, dim, low_rank, demux)
+    return nn.Embedding(num, dim)
 
 
 class LMModel(nn.Module):
@@ -150,7 +159,7 @@ class LMModel(nn.Module):
         super().__init__()
         cfg = config or LmConfig()
         self.config = cfg
-        self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
+        self.text_emb = _embedding(cfg.text_card + 1, cfg.dim, demux=cfg.demux_second_stream)
         self.emb = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
         self.transformer = Transformer(cfg.temporal())
         self.out_norm = make_norm(cfg.norm, cfg.dim)
@@ -162,40 +171,63 @@ class LMModel(nn.Module):
                 num_in = max(cfg.depformer_weights_per_step_schedule) + 1
         self.depformer_in = [nn.Linear(cfg.dim, cfg.depformer_dim, bias=False) for _ in range(num_in)]
         if cfg.dep_q > 0:
-            self.depformer_emb = [nn.Embedding(cfg.card + 1, cfg.depformer_dim) for _ in range(cfg.dep_q - 1)]
-            self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, cfg.depformer_dim)
+            low_rank = cfg.depformer_low_rank_embeddings
+            self.depformer_emb = [_embedding(cfg.card + 1, cfg.depformer_dim, low_rank) for _ in range(cfg.dep_q - 1)]
+            self.depformer_text_emb = _embedding(cfg.text_card + 1, cfg.depformer_dim, low_rank,
+                                                 cfg.demux_second_stream)
             self.depformer = Transformer(cfg.depformer())
         self.linears = [nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q)]
         self.extra_heads = [nn.Linear(cfg.dim, cfg.extra_heads_dim, bias=False)
                             for _ in range(cfg.extra_heads_num_heads)]
+        if cfg.conditioners:
+            self.condition_provider = ConditionProvider(cfg.conditioners, cfg.fuser or {}, cfg.dim)
 
     # -- temporal transformer ---------------------------------------------------------------
-    def _embed_step_tokens(self, tokens: mx.array) -> mx.array:
-        """tokens [B, K, T] (K = 1 + n_q) → summed embeddings [B, T, dim]."""
+    def _embed_step_tokens(self, tokens: mx.array, condition_sum: mx.array | None = None) -> mx.array:
+        """tokens [B, K, T] (K = 1 + n_q) → summed embeddings [B, T, dim], plus the "sum"
+        conditions [B, 1, dim] of a conditioned model."""
         dtype = compute_dtype()  # once per step, not per table
         x = embed(self.text_emb, tokens[:, 0], dtype)
         for k, table in enumerate(self.emb):
             x = x + embed(table, tokens[:, k + 1], dtype)
+        if condition_sum is not None:
+            x = x + condition_sum.astype(dtype)
         return x
+
+    @property
+    def conditioned(self) -> bool:
+        return "condition_provider" in self
+
+    def conditions(self, batch: list[Conditions]) -> tuple[mx.array | None, mx.array | None]:
+        """Each batch item's conditions → (sum [B, 1, dim], cross-attention source [B, S, dim])."""
+        if not self.conditioned:
+            raise ValueError("this LM has no conditioners")
+        total, cross = self.condition_provider.provide(batch)
+        dtype = compute_dtype()
+        return (None if total is None else total.astype(dtype)), (None if cross is None else cross.astype(dtype))
 
     def _text_head(self, h: mx.array) -> tuple[mx.array, mx.array]:
         out = self.out_norm(h)
         return out, self.text_linear(out)
 
-    def forward_text(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+    def forward_text(self, tokens: mx.array, condition_sum: mx.array | None = None,
+                     cross_source: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """Batch: input tokens [B, K, T] (already delayed) → (transformer_out [B, T, dim],
         text logits [B, T, text_card])."""
-        return self._text_head(self.transformer(self._embed_step_tokens(tokens)))
+        x = self._embed_step_tokens(tokens, condition_sum)
+        return self._text_head(self.transformer(x, cross_source))
 
-    def init_state(self, kv_bits: int | str | None = "auto") -> TransformerState:
+    def init_state(self, kv_bits: int | str | None = "auto", cross_source: mx.array | None = None) -> TransformerState:
         """A fresh stream for the temporal transformer (its rotating KV caches; mlx-lm's
-        `make_cache()`). kv_bits: see Transformer.init_state."""
-        return self.transformer.init_state(kv_bits=kv_bits)
+        `make_cache()`). kv_bits: see Transformer.init_state. cross_source: the conditions'
+        cross-attention source of a conditioned model (its keys/values are computed once)."""
+        return self.transformer.init_state(kv_bits=kv_bits, cross_source=cross_source)
 
-    def step_text(self, tokens: mx.array, state: TransformerState) -> tuple[mx.array, mx.array]:
+    def step_text(self, tokens: mx.array, state: TransformerState,
+                  condition_sum: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """Streaming: one step's tokens [B, K, 1] after `state` → ([B, 1, dim], [B, 1,
         text_card]); `state` is updated in place."""
-        return self._text_head(self.transformer.step(self._embed_step_tokens(tokens), state)[0])
+        return self._text_head(self.transformer.step(self._embed_step_tokens(tokens, condition_sum), state)[0])
 
     # -- depformer -------------------------------------------------------------------------------
     def _depformer_input(self, cb: int, prev_tokens: mx.array, transformer_out: mx.array) -> mx.array:

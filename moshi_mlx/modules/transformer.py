@@ -37,6 +37,9 @@ class TransformerConfig:
     # 0 = shared weights.
     weights_per_step: int = 0
     weights_per_step_schedule: list[int] | None = None
+    # Each layer also attends (no mask, no positions) to a conditioning source (the TTS's
+    # speaker embeddings), after self-attention, with its own LayerNorm and layer scale.
+    cross_attention: bool = False
 
     @property
     def num_weight_sets(self) -> int:
@@ -187,6 +190,34 @@ class Attention(nn.Module):
         return attention(q, k, v, scale, mask)
 
 
+class CrossAttention(nn.Module):
+    """Queries from the sequence, keys and values from a fixed source. Kyutai stores one
+    in_proj [3·D, D]; it is split at load time into q_proj and kv_proj, so a step projects
+    only its queries: the source's keys and values are computed once (`source_kv`)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.num_heads = cfg.num_heads
+        self.head_dim = d // cfg.num_heads
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.kv_proj = nn.Linear(d, 2 * d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def source_kv(self, source: mx.array) -> tuple[mx.array, mx.array]:
+        """source [B, S, D] → keys, values [B, H, S, Dh]."""
+        B, S, _ = source.shape
+        kv = self.kv_proj(source).reshape(B, S, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def __call__(self, x: mx.array, kv: tuple[mx.array, mx.array]) -> mx.array:
+        B, T, D = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k, v = kv
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), self.head_dim ** -0.5, None)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
+
+
 class GatedFeedForward(nn.Module):
     """Kyutai's ActivationGating: linear_out(silu(a) · b) with [a, b] = linear_in(x)."""
 
@@ -221,6 +252,11 @@ class TransformerLayer(nn.Module):
         if cfg.layer_scale is not None:
             self.layer_scale_1 = LayerScale(cfg.d_model, cfg.layer_scale)
             self.layer_scale_2 = LayerScale(cfg.d_model, cfg.layer_scale)
+        if cfg.cross_attention:
+            self.cross_attention = CrossAttention(cfg)
+            self.norm_cross = nn.LayerNorm(cfg.d_model, eps=1e-5)
+            if cfg.layer_scale is not None:
+                self.layer_scale_cross = LayerScale(cfg.d_model, cfg.layer_scale)
 
     def _ff(self, x: mx.array, offset: int) -> mx.array:
         if self.cfg.gating == "none":
@@ -231,9 +267,15 @@ class TransformerLayer(nn.Module):
             return ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=1)
         return self.gating(x)
 
-    def __call__(self, x: mx.array, cache: KVCache | None, offset: int, mask: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None, offset: int, mask: mx.array | None = None,
+                 cross_kv: tuple[mx.array, mx.array] | None = None) -> mx.array:
         h = self.self_attn(self.norm1(x), cache, offset, mask)
         x = x + (self.layer_scale_1(h) if "layer_scale_1" in self else h)
+        if self.cfg.cross_attention:
+            if cross_kv is None:
+                raise ValueError("this transformer has cross-attention: it needs a conditioning source")
+            h = self.cross_attention(self.norm_cross(x), cross_kv)
+            x = x + (self.layer_scale_cross(h) if "layer_scale_cross" in self else h)
         h = self._ff(self.norm2(x), offset)
         return x + (self.layer_scale_2(h) if "layer_scale_2" in self else h)
 
@@ -246,6 +288,7 @@ class TransformerState:
     max_chunk: int  # steps one call may hold; longer inputs are split
     offset: int = 0
     ring_step: int | None = None  # see _attention_mask
+    cross_kv: list[tuple[mx.array, mx.array]] | None = None  # per layer, from the conditioning source
 
 
 class Transformer(nn.Module):
@@ -279,17 +322,28 @@ class Transformer(nn.Module):
         pos = np.arange(offset, offset + x.shape[1])
         return x + sin_embedding(pos, x.shape[-1], self.cfg.max_period).astype(x.dtype)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def source_kv(self, source: mx.array | None) -> list[tuple[mx.array, mx.array]] | None:
+        """Each layer's cross-attention keys and values for a conditioning source [B, S, D]
+        (computed once per utterance; None without cross-attention)."""
+        if not self.cfg.cross_attention:
+            return None
+        if source is None:
+            raise ValueError("this transformer has cross-attention: it needs a conditioning source")
+        return [layer.cross_attention.source_kv(source) for layer in self.layers]
+
+    def __call__(self, x: mx.array, cross_source: mx.array | None = None) -> mx.array:
         """Batch over the whole sequence: every query sees its full context."""
         if x.shape[1] <= self.BATCH_BLOCK or self.cfg.context is None:
             x = self._add_positions(x, 0)
-            for layer in self.layers:
-                x = layer(x, None, 0)
+            cross = self.source_kv(cross_source) or [None] * len(self.layers)
+            for layer, kv in zip(self.layers, cross):
+                x = layer(x, None, 0, cross_kv=kv)
             return x
-        return self.step(x, self.init_state(exact_chunk=self.BATCH_BLOCK))[0]
+        return self.step(x, self.init_state(exact_chunk=self.BATCH_BLOCK, cross_source=cross_source))[0]
 
     def init_state(self, exact_chunk: int | None = None, capacity: int | None = None,
-                   kv_bits: int | str | None = "auto", ring_step: int | None = None) -> TransformerState:
+                   kv_bits: int | str | None = "auto", ring_step: int | None = None,
+                   cross_source: mx.array | None = None) -> TransformerState:
         """A fresh stream.
 
         exact_chunk=None: Kyutai's ring of `context` entries, written before attending (the
@@ -298,7 +352,8 @@ class Transformer(nn.Module):
         cache size of a model without a context (the depformer: its steps per frame).
         kv_bits: "auto" (see _cache_bits), None (compute dtype) or 8. ring_step=r (with
         exact_chunk): chunks of up to exact_chunk steps give what Kyutai's ring gives for
-        r steps at a time (see _attention_mask).
+        r steps at a time (see _attention_mask). cross_source [B, S, D]: the conditioning
+        source of a transformer with cross-attention (its keys/values are computed here).
         """
         if capacity is None:
             if self.cfg.context is None:
@@ -306,7 +361,7 @@ class Transformer(nn.Module):
             capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
         bits = self._cache_bits(capacity, kv_bits)
         return TransformerState([KVCache(capacity, bits) for _ in self.layers], max_chunk=exact_chunk or capacity,
-                                ring_step=ring_step if exact_chunk else None)
+                                ring_step=ring_step if exact_chunk else None, cross_kv=self.source_kv(cross_source))
 
     def step(self, x: mx.array, state: TransformerState) -> tuple[mx.array, TransformerState]:
         """x [B, T, D] after `state` → (y, state); the caches are updated in place."""
@@ -319,7 +374,8 @@ class Transformer(nn.Module):
         pos_k = KVCache.positions(state.caches[0].capacity, state.offset + T)
         mask = _attention_mask(pos_q, pos_k, self.cfg.context, state.ring_step) if self.cfg.causal else None
         x = self._add_positions(x, state.offset)
-        for layer, cache in zip(self.layers, state.caches):
-            x = layer(x, cache, state.offset, mask)
+        cross = state.cross_kv or [None] * len(self.layers)
+        for layer, cache, kv in zip(self.layers, state.caches, cross):
+            x = layer(x, cache, state.offset, mask, kv)
         state.offset += T
         return x, state
