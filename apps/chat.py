@@ -186,18 +186,20 @@ def run_file(args: argparse.Namespace) -> int:
 class _FileProgress:
     """Progress through a recording on stderr (chat's file mode, transcribe): a bar with ETA on
     a terminal; elsewhere (a log, a pipe) a plain line when the first unit is done (the model
-    runs) and then every EVERY seconds. `update(done)` counts units of `unit_seconds` of audio."""
+    runs) and then every EVERY seconds. `update(done)` counts units of `unit_seconds` of audio
+    (`label`: what the total counts, seconds by default; tts counts words)."""
 
     EVERY = 5.0
 
-    def __init__(self, total_seconds: float, unit_seconds: float):
-        self.total, self.frame_seconds = total_seconds, unit_seconds
+    def __init__(self, total_seconds: float, unit_seconds: float, label: str = "s"):
+        self.total, self.frame_seconds, self.label = total_seconds, unit_seconds, label
         self.bar, self.next_line = None, 0.0
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(total_seconds, 1), unit="s", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]{postfix}")
+            self.bar = tqdm(total=round(total_seconds, 1), unit=label, file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} " + label +
+                                       " [{elapsed}<{remaining}]{postfix}")
 
     def update(self, done: float, text: str = "") -> None:
         seconds = min(done * self.frame_seconds, self.total)
@@ -208,7 +210,7 @@ class _FileProgress:
             self.bar.refresh()
         elif time.monotonic() >= self.next_line:
             self.next_line = time.monotonic() + self.EVERY
-            print(f"progress: {seconds:.1f} / {self.total:.1f} s", file=sys.stderr, flush=True)
+            print(f"progress: {seconds:.1f} / {self.total:.1f} {self.label}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
                                              "directory"),
     "chat": ("moshi_mlx.apps.chat", "talk with Moshi: microphone and speakers, or a recording"),
     "transcribe": ("moshi_mlx.apps.transcribe", "speech to text (Kyutai STT): audio files or the microphone"),
+    "tts": ("moshi_mlx.apps.tts", "text to speech (Kyutai TTS): text or dialogs → audio, word timings"),
 }
 
 

@@ -211,6 +211,22 @@ def stt_model_dir(tmp_path_factory, kyutai_mimi, chat_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tts_model_dir(tmp_path_factory, kyutai_mimi, chat_model_dir):
+    """A Kyutai-style TTS directory (model_type "tts", the tiny structure of tts-1.6b-en_fr,
+    see reference.tts_kwargs) and two voice files in `voices/` beside it."""
+    import reference as R
+
+    d = tmp_path_factory.mktemp("tts-model")
+    kwargs = R.tts_kwargs()
+    R.save_tts(R.random_tts_lm(kwargs, seed=53), d, kwargs, kyutai_mimi, chat_model_dir / "tok.model")
+    voices = d.parent / (d.name + "-voices")
+    voices.mkdir()
+    for i in range(2):
+        R.write_voice(voices / f"v{i}.safetensors", 10 + i)
+    return d
+
+
+@pytest.fixture(scope="session")
 def pulse(tmp_path_factory):
     """A PulseAudio server with a null sink whose monitor is the default microphone (the
     environment to run a client in). Needs the packages scripts/test.sh installs."""

@@ -221,3 +221,78 @@ def random_transformers_causal_lm(seed: int = 0):
     model = MoshiForCausalLM(cfg).eval()
     _sharpen(model)
     return model
+
+
+TTS_N_Q = 16
+CFG_VALUES = ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]
+
+
+def tts_kwargs(distilled: bool = True) -> dict:
+    """A tiny TTS LM with the structure of kyutai/tts-1.6b-en_fr: cross-attention to 5
+    speaker slots, the tensor / lookup-table conditioners and the fuser, demuxed two-stream
+    text, low-rank depformer embeddings, a weights-per-step schedule, acoustic delay 2, and
+    a 24-step context so the cache wraps. distilled=False: no "cfg" condition (real CFG)."""
+    conditioners = {
+        "speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}},
+        "control": {"type": "lut", "lut": {"n_bins": 1, "dim": 64, "tokenizer": "noop", "possible_values": ["ok"]}},
+    }
+    fuser = {"cross_attention_pos_emb": True, "cross_attention_pos_emb_scale": 1.0, "sum": ["control"],
+             "prepend": [], "cross": ["speaker_wavs"]}
+    if distilled:
+        conditioners["cfg"] = {"type": "lut", "lut": {"n_bins": 7, "dim": 16, "tokenizer": "noop",
+                                                      "possible_values": CFG_VALUES}}
+        fuser["sum"] = ["control", "cfg"]
+    return tiny_lm_kwargs(
+        text_card=25, n_q=TTS_N_Q, dep_q=TTS_N_Q, delays=[0, 0] + [2] * (TTS_N_Q - 1), context=24,
+        demux_second_stream=True, depformer_low_rank_embeddings=16, cross_attention=True,
+        depformer_weights_per_step_schedule=[0, 1, 2, 3] + [4] * 4 + [5] * 4 + [6] * 4,
+        conditioners=conditioners, fuser=fuser)
+
+
+@torch.no_grad()
+def random_tts_lm(kwargs: dict, seed: int):
+    """Kyutai's LMModel with conditioners (built as `get_moshi_lm` does), random weights; the
+    text head's "new word" and "pad" rows are boosted so the model, not only the forcing
+    rules, decides when words start."""
+    from moshi.models import loaders
+
+    import copy
+
+    torch.manual_seed(seed)
+    # get_moshi_lm writes into the nested conditioner dicts: give it a copy
+    model = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(kwargs), device="cpu", dtype=torch.float32).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("alpha"):
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
+        elif name.endswith(("norm_cross.weight", "norm_cross.bias")):
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if name.endswith("weight") else torch.randn_like(p) * 0.1)
+        elif p.dim() == 2:
+            p.copy_(torch.randn_like(p) / (p.shape[1] ** 0.5))
+    model.text_linear.weight[[0, 3]] *= 4.0
+    return model
+
+
+def save_tts(model, d, kwargs: dict, kyutai_mimi, tok) -> None:
+    """Release layout plus a Kyutai-style TTS config.json (model_type, tts_config, model_id)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    d = Path(d)
+    save_kyutai_lm(model, d, kwargs)
+    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    shutil.copy(tok, d / "tok.model")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type="tts", mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model",
+               model_id={"sig": "0123abcd", "epoch": 7},
+               tts_config={"audio_delay": 1.28, "second_stream_ahead": 2}, lm_gen_config={"temp": 0.6})
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def write_voice(path, seed: int, frames: int = 10):
+    """A voice file as in kyutai/tts-voices: `speaker_wavs` [1, 512, frames]."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    save_file({"speaker_wavs": torch.randn(1, 512, frames, generator=g) * 0.7}, str(path))
+    return path

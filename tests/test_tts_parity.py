@@ -22,70 +22,9 @@ from moshi_mlx.sessions.tts import TextToSpeech
 
 pytestmark = pytest.mark.reference
 
-N_Q = 16
-CFG_VALUES = ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]
+N_Q = R.TTS_N_Q
 DIALOG = ["Hello there, how are you today? <break time=\"0.5s\"/> The rabbit lived in the forest.",
           "I am fine: the forest (today) is how you left it."]
-
-
-def tts_kwargs(distilled: bool = True) -> dict:
-    conditioners = {
-        "speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}},
-        "control": {"type": "lut", "lut": {"n_bins": 1, "dim": 64, "tokenizer": "noop", "possible_values": ["ok"]}},
-    }
-    fuser = {"cross_attention_pos_emb": True, "cross_attention_pos_emb_scale": 1.0, "sum": ["control"],
-             "prepend": [], "cross": ["speaker_wavs"]}
-    if distilled:
-        conditioners["cfg"] = {"type": "lut", "lut": {"n_bins": 7, "dim": 16, "tokenizer": "noop",
-                                                      "possible_values": CFG_VALUES}}
-        fuser["sum"] = ["control", "cfg"]
-    return R.tiny_lm_kwargs(
-        text_card=25, n_q=N_Q, dep_q=N_Q, delays=[0, 0] + [2] * (N_Q - 1), context=24,
-        demux_second_stream=True, depformer_low_rank_embeddings=16, cross_attention=True,
-        depformer_weights_per_step_schedule=[0, 1, 2, 3] + [4] * 4 + [5] * 4 + [6] * 4,
-        conditioners=conditioners, fuser=fuser)
-
-
-@torch.no_grad()
-def random_tts_lm(kwargs: dict, seed: int):
-    """Kyutai's LMModel with conditioners (built as `get_moshi_lm` does), random weights; the
-    text head's "new word" and "pad" rows are boosted so the model, not only the forcing
-    rules, decides when words start."""
-    from moshi.models import loaders
-
-    torch.manual_seed(seed)
-    import copy
-
-    # get_moshi_lm writes into the nested conditioner dicts: give it a copy
-    model = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(kwargs), device="cpu", dtype=torch.float32).eval()
-    for name, p in model.named_parameters():
-        if name.endswith("alpha"):
-            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
-        elif name.endswith(("norm_cross.weight", "norm_cross.bias")):
-            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if name.endswith("weight") else torch.randn_like(p) * 0.1)
-        elif p.dim() == 2:
-            p.copy_(torch.randn_like(p) / (p.shape[1] ** 0.5))
-    model.text_linear.weight[[0, 3]] *= 4.0
-    return model
-
-
-def save_tts(model, d: Path, kwargs: dict, kyutai_mimi, tok: Path) -> None:
-    R.save_kyutai_lm(model, d, kwargs)
-    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
-    shutil.copy(tok, d / "tok.model")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(model_type="tts", mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model",
-               model_id={"sig": "0123abcd", "epoch": 7},
-               tts_config={"audio_delay": 1.28, "second_stream_ahead": 2}, lm_gen_config={"temp": 0.6})
-    (d / "config.json").write_text(json.dumps(cfg))
-
-
-def write_voice(path: Path, seed: int, frames: int = 10) -> Path:
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    save_file({"speaker_wavs": torch.randn(1, 512, frames, generator=g) * 0.7}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +32,12 @@ def tts_dirs(tmp_path_factory, kyutai_mimi, chat_model_dir):
     out = {}
     for distilled in (True, False):
         d = tmp_path_factory.mktemp("tts-distilled" if distilled else "tts-cfg")
-        kwargs = tts_kwargs(distilled)
-        ref = random_tts_lm(kwargs, seed=51 if distilled else 52)
-        save_tts(ref, d, kwargs, kyutai_mimi, chat_model_dir / "tok.model")
+        kwargs = R.tts_kwargs(distilled)
+        ref = R.random_tts_lm(kwargs, seed=51 if distilled else 52)
+        R.save_tts(ref, d, kwargs, kyutai_mimi, chat_model_dir / "tok.model")
         out[distilled] = (ref, d)
     voices = tmp_path_factory.mktemp("voices")
-    return out, [write_voice(voices / f"v{i}.safetensors", i) for i in range(2)]
+    return out, [R.write_voice(voices / f"v{i}.safetensors", i) for i in range(2)]
 
 
 def reference_generate(ref_lm, kyutai_mimi, tok: Path, turns, voices, cfg: float, distilled: bool,
@@ -165,3 +104,23 @@ def test_tts_matches_pytorch(tts_dirs, kyutai_mimi, chat_model_dir, distilled, c
     assert speech.codes.shape == (N_Q, len(want) - 16) and speech.codes.min() >= 0
     assert [w.text for w in speech.words] == [w for w, _ in transcript]
     assert [w.start for w in speech.words] == [s / 12.5 for s in steps]
+
+
+@pytest.mark.parametrize("turns", [
+    DIALOG, ["", "The other speaker starts."], ['Hi’s: (you) <break time="1.5s"/> ok', "", "me"],
+    ["a <break time=\"2s\">b<break time=\"0.25s\" />c   d\n\te"]])
+@pytest.mark.parametrize("multi_speaker,padding_between", [(True, 1), (False, 0), (True, 3)])
+def test_script_entries_match_pytorch(turns, multi_speaker, padding_between):
+    from moshi.models.tts import TokenIds as RefIds
+    from moshi.models.tts import script_to_entries as ref_entries
+
+    from moshi_mlx.sessions.tts_script import TokenIds, script_to_entries
+
+    class Tok:  # one token per letter
+        @staticmethod
+        def encode(word):
+            return [4 + ord(c) % 20 for c in word]
+
+    want = ref_entries(Tok(), RefIds(26), 12.5, turns, multi_speaker=multi_speaker, padding_between=padding_between)
+    got = script_to_entries(Tok.encode, TokenIds(26), turns, multi_speaker, padding_between)
+    assert [(e.tokens, e.text, e.padding) for e in got] == [(e.tokens, e.text, e.padding) for e in want]

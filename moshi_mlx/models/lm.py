@@ -198,13 +198,14 @@ class LMModel(nn.Module):
     def conditioned(self) -> bool:
         return "condition_provider" in self
 
-    def conditions(self, batch: list[Conditions]) -> tuple[mx.array | None, mx.array | None]:
-        """Each batch item's conditions → (sum [B, 1, dim], cross-attention source [B, S, dim])."""
+    def conditions(self, batch: list[Conditions]) -> tuple[mx.array | None, mx.array | None, mx.array | None]:
+        """Each batch item's conditions → (sum [B, 1, dim], cross-attention source [B, S, dim],
+        its mask [B, S] or None)."""
         if not self.conditioned:
             raise ValueError("this LM has no conditioners")
-        total, cross = self.condition_provider.provide(batch)
+        total, cross, mask = self.condition_provider.provide(batch)
         dtype = compute_dtype()
-        return (None if total is None else total.astype(dtype)), (None if cross is None else cross.astype(dtype))
+        return (None if total is None else total.astype(dtype)), (None if cross is None else cross.astype(dtype)), mask
 
     def _text_head(self, h: mx.array) -> tuple[mx.array, mx.array]:
         out = self.out_norm(h)
@@ -217,11 +218,13 @@ class LMModel(nn.Module):
         x = self._embed_step_tokens(tokens, condition_sum)
         return self._text_head(self.transformer(x, cross_source))
 
-    def init_state(self, kv_bits: int | str | None = "auto", cross_source: mx.array | None = None) -> TransformerState:
+    def init_state(self, kv_bits: int | str | None = "auto", cross_source: mx.array | None = None,
+                   cross_mask: mx.array | None = None) -> TransformerState:
         """A fresh stream for the temporal transformer (its rotating KV caches; mlx-lm's
         `make_cache()`). kv_bits: see Transformer.init_state. cross_source: the conditions'
-        cross-attention source of a conditioned model (its keys/values are computed once)."""
-        return self.transformer.init_state(kv_bits=kv_bits, cross_source=cross_source)
+        cross-attention source of a conditioned model (its keys/values are computed once),
+        cross_mask [B, S] which source positions each item attends to."""
+        return self.transformer.init_state(kv_bits=kv_bits, cross_source=cross_source, cross_mask=cross_mask)
 
     def step_text(self, tokens: mx.array, state: TransformerState,
                   condition_sum: mx.array | None = None) -> tuple[mx.array, mx.array]:

@@ -151,16 +151,29 @@ class ConditionProvider(nn.Module):
                 out[name] = cond([c.tensors[name] for c in batch])
         return out
 
-    def provide(self, batch: list[Conditions]) -> tuple[mx.array | None, mx.array | None]:
-        """Conditions of each batch item → (sum [B, 1, D] or None, cross source [B, T, D] or None)."""
+    def provide(self, batch: list[Conditions]) -> tuple[mx.array | None, mx.array | None, mx.array | None]:
+        """Conditions of each batch item → (sum [B, 1, D] or None, cross source [B, S, D] or
+        None, cross mask [B, S] or None). Items whose tensors are shorter than the batch's
+        longest are padded; the mask (True = the item's own position) keeps the padding out
+        of their attention, so an item attends to what it would attend to alone."""
         out = self._outputs(batch)
         total = None
         for name in self._sum:
             total = out[name] if total is None else total + out[name]
-        cross = None
+        cross = mask = None
         if self._cross:
-            cross = mx.concatenate([out[n] for n in self._cross], axis=1)
+            parts = [self._cross_part(n, batch, out[n]) for n in self._cross]
+            cross = mx.concatenate([p for p, _ in parts], axis=1)
+            own = np.concatenate([m for _, m in parts], axis=1)
             if self._pos_emb:
                 pos = sin_embedding(np.arange(cross.shape[1]), cross.shape[-1], 10_000.0)
                 cross = cross + self._pos_scale * pos
-        return total, cross
+            mask = None if own.all() else mx.array(own)
+        return total, cross, mask
+
+    def _cross_part(self, name: str, batch: list[Conditions], x: mx.array) -> tuple[mx.array, np.ndarray]:
+        """A cross condition's output and which of its positions each item has [B, T]."""
+        if isinstance(self.conditioners[name], LutConditioner):
+            return x, np.ones(x.shape[:2], bool)
+        lengths = np.array([len(c.tensors[name].tensor) for c in batch])
+        return x, np.arange(x.shape[1])[None, :] < lengths[:, None]

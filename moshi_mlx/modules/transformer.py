@@ -125,7 +125,7 @@ def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None,
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
     """softmax(scale · q·kᵀ, masked) · v for q [B, H, Tq, Dh], k/v [B, H, Tk, Dh] and a
-    boolean mask [Tq, Tk] (True = visible).
+    boolean mask [Tq, Tk] (or one broadcasting to [B, H, Tq, Tk]; True = visible).
 
     On the CPU backend, written out with the polynomial softmax: 3x faster than MLX's fused
     kernel there, whose scalar `exp` dominates (Mimi's 128-query chunks: 1.6 vs 5.2 ms per
@@ -210,11 +210,13 @@ class CrossAttention(nn.Module):
         kv = self.kv_proj(source).reshape(B, S, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         return kv[0], kv[1]
 
-    def __call__(self, x: mx.array, kv: tuple[mx.array, mx.array]) -> mx.array:
+    def __call__(self, x: mx.array, kv: tuple[mx.array, mx.array], mask: mx.array | None = None) -> mx.array:
+        """mask [B, S] (True = attend) or None for all of the source."""
         B, T, D = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k, v = kv
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), self.head_dim ** -0.5, None)
+        mask = None if mask is None else mask[:, None, None, :]
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), self.head_dim ** -0.5, mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, D))
 
 
@@ -268,13 +270,13 @@ class TransformerLayer(nn.Module):
         return self.gating(x)
 
     def __call__(self, x: mx.array, cache: KVCache | None, offset: int, mask: mx.array | None = None,
-                 cross_kv: tuple[mx.array, mx.array] | None = None) -> mx.array:
+                 cross_kv: tuple[mx.array, mx.array] | None = None, cross_mask: mx.array | None = None) -> mx.array:
         h = self.self_attn(self.norm1(x), cache, offset, mask)
         x = x + (self.layer_scale_1(h) if "layer_scale_1" in self else h)
         if self.cfg.cross_attention:
             if cross_kv is None:
                 raise ValueError("this transformer has cross-attention: it needs a conditioning source")
-            h = self.cross_attention(self.norm_cross(x), cross_kv)
+            h = self.cross_attention(self.norm_cross(x), cross_kv, cross_mask)
             x = x + (self.layer_scale_cross(h) if "layer_scale_cross" in self else h)
         h = self._ff(self.norm2(x), offset)
         return x + (self.layer_scale_2(h) if "layer_scale_2" in self else h)
@@ -289,6 +291,7 @@ class TransformerState:
     offset: int = 0
     ring_step: int | None = None  # see _attention_mask
     cross_kv: list[tuple[mx.array, mx.array]] | None = None  # per layer, from the conditioning source
+    cross_mask: mx.array | None = None  # [B, S]: the source positions each item attends to (None: all)
 
 
 class Transformer(nn.Module):
@@ -343,7 +346,7 @@ class Transformer(nn.Module):
 
     def init_state(self, exact_chunk: int | None = None, capacity: int | None = None,
                    kv_bits: int | str | None = "auto", ring_step: int | None = None,
-                   cross_source: mx.array | None = None) -> TransformerState:
+                   cross_source: mx.array | None = None, cross_mask: mx.array | None = None) -> TransformerState:
         """A fresh stream.
 
         exact_chunk=None: Kyutai's ring of `context` entries, written before attending (the
@@ -353,7 +356,8 @@ class Transformer(nn.Module):
         kv_bits: "auto" (see _cache_bits), None (compute dtype) or 8. ring_step=r (with
         exact_chunk): chunks of up to exact_chunk steps give what Kyutai's ring gives for
         r steps at a time (see _attention_mask). cross_source [B, S, D]: the conditioning
-        source of a transformer with cross-attention (its keys/values are computed here).
+        source of a transformer with cross-attention (its keys/values are computed here), and
+        cross_mask [B, S] the positions each item attends to.
         """
         if capacity is None:
             if self.cfg.context is None:
@@ -361,7 +365,8 @@ class Transformer(nn.Module):
             capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
         bits = self._cache_bits(capacity, kv_bits)
         return TransformerState([KVCache(capacity, bits) for _ in self.layers], max_chunk=exact_chunk or capacity,
-                                ring_step=ring_step if exact_chunk else None, cross_kv=self.source_kv(cross_source))
+                                ring_step=ring_step if exact_chunk else None, cross_kv=self.source_kv(cross_source),
+                                cross_mask=cross_mask)
 
     def step(self, x: mx.array, state: TransformerState) -> tuple[mx.array, TransformerState]:
         """x [B, T, D] after `state` → (y, state); the caches are updated in place."""
@@ -376,6 +381,6 @@ class Transformer(nn.Module):
         x = self._add_positions(x, state.offset)
         cross = state.cross_kv or [None] * len(self.layers)
         for layer, cache, kv in zip(self.layers, state.caches, cross):
-            x = layer(x, cache, state.offset, mask, kv)
+            x = layer(x, cache, state.offset, mask, kv, state.cross_mask)
         state.offset += T
         return x, state

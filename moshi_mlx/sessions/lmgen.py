@@ -80,15 +80,15 @@ class LMGen:
         self.cache = np.full((batch_size, cfg.num_codebooks, self.max_delay + 2), UNGENERATED_TOKEN, np.int64)
         self.offset = 0
         self.initial = np.array(self.lm.initial_tokens(1))[0, :, 0]  # [K]
-        cross = None
+        cross = cross_mask = None
         if self.conditions is not None:
             if len(self.conditions) != batch_size:
                 raise InputError(f"LMGen: {len(self.conditions)} conditions for a batch of {batch_size}")
             batch = list(self.conditions)
             if self._cfg:
                 batch += [c.nulled() for c in self.conditions]
-            self.condition_sum, cross = self.lm.conditions(batch)
-        self.state = self.lm.init_state(cross_source=cross)
+            self.condition_sum, cross, cross_mask = self.lm.conditions(batch)
+        self.state = self.lm.init_state(cross_source=cross, cross_mask=cross_mask)
 
     def _check_user_codes(self, user_codes) -> np.ndarray:
         cfg = self.lm.config

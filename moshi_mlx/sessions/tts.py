@@ -81,6 +81,16 @@ class TtsConfig:
             speaker_dim = int(conds["speaker_wavs"].get("tensor", {}).get("dim", 512))
         return cls(int(delay * FRAME_RATE), ahead, cfg_values, speaker_dim, (raw or {}).get("model_id"))
 
+    def check_cfg(self, cfg: float) -> None:
+        """A CFG-distilled model knows a few strengths (a condition); otherwise real CFG."""
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not np.isfinite(cfg):
+            raise InputError(f"cfg must be a number, got {cfg!r}")
+        if self.cfg_values and float(cfg) not in self.cfg_values:
+            raise InputError(f"cfg {cfg:g} is not supported by this CFG-distilled model: use one of "
+                             f"{', '.join(f'{v:g}' for v in self.cfg_values)}")
+        if not self.cfg_values and not 0 < cfg <= 10:
+            raise InputError(f"cfg must lie in (0, 10], got {cfg:g}")
+
 
 @dataclass
 class Speech:
@@ -266,13 +276,21 @@ class TextToSpeech:
         """A directory, repo id or file in Kyutai's PyTorch layout, or a `moshi-mlx convert`
         output. The config is checked before any weight is loaded."""
         from ..checkpoints import lm as lm_ckpt
-        from ..models.loading import load_checkpoint
 
         ckpt = lm_ckpt.read(source, revision)
-        config = TtsConfig.from_config(ckpt.config, ckpt.raw_config, ckpt.source)
+        return cls.from_checkpoint(ckpt, TtsConfig.from_config(ckpt.config, ckpt.raw_config, ckpt.source),
+                                   quantize, revision)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, config: TtsConfig, quantize: int | None = None,
+                        revision: str | None = None) -> "TextToSpeech":
+        """From a checkpoint already read and its config already checked (the CLI checks its
+        inputs against the config before the weights load)."""
+        from ..models.loading import load_checkpoint
+
         model = load_checkpoint(ckpt, revision=revision, quantize=quantize)
         tts = cls(model.lm, model.mimi, model.tokenizer, config)
-        tts.model_id = str(source)
+        tts.model_id = ckpt.source
         return tts
 
     @property
@@ -293,21 +311,12 @@ class TextToSpeech:
             if voice.ndim != 2 or voice.shape[1] != dim:
                 raise InputError(f"voice latents must be [frames, {dim}], got {list(voice.shape)}")
             return voice.astype(np.float32)
-        return read_voice(voice_path(voice, self.config.model_id), dim)
-
-    def check_cfg(self, cfg: float) -> None:
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not np.isfinite(cfg):
-            raise InputError(f"cfg must be a number, got {cfg!r}")
-        if self.config.cfg_values and float(cfg) not in self.config.cfg_values:
-            raise InputError(f"cfg {cfg} is not supported by this CFG-distilled model: use one of "
-                             f"{', '.join(str(v) for v in self.config.cfg_values)}")
-        if not self.config.cfg_values and not 0 < cfg <= 10:
-            raise InputError(f"cfg must lie in (0, 10], got {cfg}")
+        return load_voice(voice, self.config)
 
     def conditions(self, voice, cfg: float) -> Conditions:
         """One item's conditions: up to 5 voices in the speaker slots (None or []: all empty,
         the learnt padding) and, for a CFG-distilled model, the CFG strength."""
-        self.check_cfg(cfg)
+        self.config.check_cfg(cfg)
         values: dict[str, str | None] = {"control": "ok"}
         if self.config.cfg_values:
             values["cfg"] = format(float(cfg), ".1f")
@@ -350,7 +359,7 @@ class TextToSpeech:
         """Several scripts in one batch; greedy (temp 0), each result equals synthesizing it alone."""
         scripts = [[s] if isinstance(s, str) else list(s) for s in scripts]
         for i, turns in enumerate(scripts):
-            if not any(_has_words(t) for t in turns):
+            if not any(has_words(t) for t in turns):
                 raise InputError(f"text {i}: nothing to say (empty, or only punctuation)"
                                  if len(scripts) > 1 else "nothing to say: the text is empty or only punctuation")
         stream = self.stream(cfg=cfg, temp=temp, seed=seed, padding_between=padding_between,
@@ -367,5 +376,12 @@ class TextToSpeech:
         return [stream.speech(b) for b in range(len(scripts))]
 
 
-def _has_words(text: str) -> bool:
+def load_voice(voice: str | Path, config: TtsConfig) -> np.ndarray:
+    """A voice name of kyutai/tts-voices or a .safetensors path → latents [T, dim]."""
+    if config.speaker_dim is None:
+        raise InputError("this TTS model takes no voice embedding (no speaker conditioning)")
+    return read_voice(voice_path(voice, config.model_id), config.speaker_dim)
+
+
+def has_words(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
