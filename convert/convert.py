@@ -165,6 +165,8 @@ def plan_conversion(source, revision=None, spec=None, dtype=None, lora=None, lor
     for name, w in tree_flatten(model.parameters()):
         if name.endswith((".scales", ".biases")):
             w = w.astype(file_scales_dtype(spec.bits))
+        elif name.startswith("condition_provider."):
+            w = w.astype(mx.float32)  # run once per utterance; Kyutai keeps them in float32 too
         elif mx.issubdtype(w.dtype, mx.floating):
             w = w.astype(dtype or mx.bfloat16)
         tensors[name] = w
@@ -211,6 +213,8 @@ Run it:
 def _run_hint(model_type: str | None) -> str:
     if model_type == "stt":
         return 'moshi-mlx transcribe --model DIR speech.wav   # or: SpeechToText.from_pretrained("DIR")'
+    if model_type == "tts":
+        return 'moshi-mlx tts --model DIR "Hello." -o hello.wav   # or: TextToSpeech.from_pretrained("DIR")'
     return 'moshi-mlx chat --model DIR        # or: MoshiForConditionalGeneration.from_pretrained("DIR")'
 
 

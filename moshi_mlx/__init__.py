@@ -6,7 +6,7 @@ _preload_blas()
 
 __all__ = ["MimiConfig", "MimiModel", "LmConfig", "LMModel", "LMGen", "DuplexSession", "Sampler",
            "MoshiForConditionalGeneration", "MoshiForCausalLM", "SpeechToText", "Transcript", "Word", "EndWord",
-           "EndOfTurn", "TurnConfig", "TextTokenizer", "load"]
+           "EndOfTurn", "TurnConfig", "TextToSpeech", "Speech", "TtsStream", "TextTokenizer", "load"]
 __version__ = "0.1.0"
 
 # Public classes are imported on first use, so `import moshi_mlx` (e.g. by a benchmark
@@ -24,6 +24,9 @@ _LAZY = {
     "EndWord": "moshi_mlx.sessions.words",
     "EndOfTurn": "moshi_mlx.sessions.words",
     "TurnConfig": "moshi_mlx.sessions.words",
+    "TextToSpeech": "moshi_mlx.sessions.tts",
+    "Speech": "moshi_mlx.sessions.tts",
+    "TtsStream": "moshi_mlx.sessions.tts",
     "Sampler": "moshi_mlx.modules.sampling",
     "load": "moshi_mlx.models.loading",
     "MoshiForConditionalGeneration": "moshi_mlx.models.moshi",

@@ -25,6 +25,7 @@ split across one MLX stream per core, which run in parallel.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -100,9 +101,19 @@ class QuantizedLinear(nn.QuantizedLinear):
             y = y + self.bias
         return y
 
+    # On the CPU backend, products with at least this many rows (a prefill: the TTS's voice
+    # keys/values, 625 rows) dequantize the weight and use the float GEMM: MLX's CPU
+    # quantized kernel is scalar (~1.4 G weights/s per core), GEMM ~50x faster per row.
+    DEQUANTIZE_ROWS = 32
+
     def _mlx_matmul(self, x: mx.array) -> mx.array:
         """MLX's quantized matmul; on the CPU backend its output rows split over one stream
-        per core (MLX's CPU kernel runs on one thread)."""
+        per core (MLX's CPU kernel runs on one thread), or for many rows the float GEMM."""
+        rows = x.size // max(1, x.shape[-1])
+        if mx.default_device() == mx.cpu and x.dtype == mx.float32 and rows >= self.DEQUANTIZE_ROWS:
+            w = mx.dequantize(self.weight, self.scales.astype(mx.float32), self.biases.astype(mx.float32),
+                              group_size=self.group_size, bits=self.bits)
+            return x @ w.T
         streams = _cpu_streams() if mx.default_device() == mx.cpu else []
         rows = self.weight.shape[0]
         n = min(len(streams), rows // self.MIN_ROWS_PER_SHARD)
@@ -129,7 +140,10 @@ def _kept(path: str) -> bool:
     # The semantic-VAD heads of STT models (6 × dim each): nothing to save, and their
     # probabilities are compared against thresholds. The TTS's conditioners run once per
     # utterance (nothing to gain in speed) and Kyutai keeps them in float32.
-    return path.startswith(("extra_heads.", "condition_provider."))
+    # The depformer's embedding projections (the TTS's low-rank ones: 128 → 1024) are tiny,
+    # and a quantized call's fixed cost would exceed their work, 32 times per step.
+    return path.startswith(("extra_heads.", "condition_provider.")) or \
+        re.match(r"depformer_(text_)?emb(\.\d+)?\.(low_rank|out1|out2)$", path) is not None
 
 
 def quantize_model(model: nn.Module, spec: QuantizationSpec, modules: frozenset[str] | None = None) -> nn.Module:

@@ -157,8 +157,9 @@ def test_cli_text_to_wav_and_words(tts_model_dir, tmp_path):
     durations = []
     for i, text in enumerate((short, long)):
         out, words = tmp_path / f"{i}.wav", tmp_path / f"{i}.json"
-        r = cli("tts", text, "-o", str(out), "--words", str(words), "--model", str(tts_model_dir), "--voice", "none",
-                "--seed", "1")
+        source = [text] if i == 0 else ["--input", "-"]  # the long one from stdin
+        r = cli("tts", *source, "-o", str(out), "--words", str(words), "--model", str(tts_model_dir), "--voice", "none",
+                "--seed", "1", stdin=None if i == 0 else text)
         assert r.returncode == 0, r.stderr
         pcm, rate = read_wav(out)
         doc = json.loads(words.read_text())
@@ -217,3 +218,85 @@ def test_cli_refuses_a_model_that_is_not_tts(chat_model_dir, stt_model_dir, tmp_
         r = cli("tts", "Hello.", "-o", str(tmp_path / "x.wav"), "--model", str(model), timeout=120)
         assert r.returncode == 2 and f"moshi-mlx {fits}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_convert_q8_quantizes_cross_attention_and_keeps_conditioners(tts_model_dir, tmp_path):
+    """`moshi-mlx convert -q --q-bits 8` of a TTS release: cross-attention and every backbone
+    and depformer matrix quantized; conditioners and the depformer's low-rank embedding
+    projections in float32; it loads as a TTS and speaks every word, close to full precision."""
+    import mlx.nn as nn
+
+    from moshi_mlx.sessions.tts import TextToSpeech
+
+    r = cli("convert", str(tts_model_dir), "-o", str(tmp_path / "q8"), "-q", "--q-bits", "8")
+    assert r.returncode == 0, r.stderr
+    assert "moshi-mlx tts --model DIR" in (tmp_path / "q8" / "README.md").read_text()
+    q8 = TextToSpeech.from_pretrained(tmp_path / "q8")
+    layer = q8.lm.transformer.layers[0]
+    assert all(isinstance(m, nn.QuantizedLinear) for m in (layer.cross_attention.q_proj, layer.cross_attention.kv_proj,
+                                                          layer.cross_attention.out_proj, layer.self_attn.in_proj))
+    assert isinstance(q8.lm.depformer_in[0], nn.QuantizedLinear)  # (the tiny depformer's 32-wide layers cannot be)
+    cond = q8.lm.condition_provider.conditioners
+    assert all(type(c.output_proj) is nn.Linear and c.output_proj.weight.dtype.size == 4 for c in cond.values())
+    assert type(q8.lm.depformer_emb[0].low_rank) is nn.Linear
+    text = "Hello there, how are you today?"
+    got = q8.synthesize(text, temp=0.0)
+    assert [w.text for w in got.words] == text.split() and np.all(np.isfinite(got.pcm))
+    # teacher-forced (the same tokens and voice through both): text logits close to full precision
+    import mlx.core as mx
+
+    fp = TextToSpeech.from_pretrained(tts_model_dir)
+    tokens = mx.array(np.random.default_rng(0).integers(0, 26, (1, fp.lm.config.num_codebooks, 40)).astype(np.int32))
+    voice = str(voices_of(tts_model_dir)[0])
+    outs = []
+    for model in (fp, q8):
+        total, cross, _ = model.lm.conditions([model.conditions(voice, 2.0)])
+        outs.append(np.array(model.lm.forward_text(tokens, total, cross)[1]))
+    err = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+    assert err < 0.04, err
+
+
+def test_cli_ctrl_c_keeps_what_was_produced(tts_model_dir, tmp_path):
+    import time
+
+    from conftest import interrupt
+
+    text = " ".join(["the rabbit lived in the forest and how are you today"] * 30)
+    out, story = tmp_path / "long.wav", tmp_path / "story.txt"
+    story.write_text(text)
+    proc = subprocess.Popen([sys.executable, "-m", "moshi_mlx", "tts", "--input", str(story), "-o", str(out),
+                             "--model", str(tts_model_dir), "--voice", "none"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # the first progress line: the model is running
+    assert line.startswith("progress:"), line
+    time.sleep(2.0)
+    _, err = interrupt(proc)
+    assert proc.returncode == 130, err
+    assert "interrupted:" in err
+    pcm, rate = read_wav(out)
+    assert 0 < len(pcm) / rate < 60  # some speech, far from the whole text's (330 words)
+
+
+@pytest.mark.devices
+def test_cli_play_reaches_the_speakers(pulse, tts_model_dir, tmp_path):
+    """--play through a PulseAudio null sink: what its monitor records is the written audio."""
+    out, rec = tmp_path / "out.wav", tmp_path / "rec.raw"
+    recorder = subprocess.Popen(["parecord", "--device=moshi_sink.monitor", "--rate=24000", "--channels=1",
+                                 "--format=float32le", "--raw", str(rec)], env=pulse)
+    try:
+        r = cli("tts", "Hello there, how are you today? The rabbit lived in the forest.", "-o", str(out), "--play",
+                "--model", str(tts_model_dir), "--voice", "none", "--seed", "2", env=pulse)
+        assert r.returncode == 0, r.stderr
+    finally:
+        recorder.terminate()
+        recorder.wait(10)
+    pcm, rate = read_wav(out)
+    heard = np.fromfile(rec, np.float32)
+    assert len(heard) > len(pcm)  # the recorder ran for the whole command
+    # normalised cross-correlation: all of the written audio appears in the recording
+    n = 1 << int(np.ceil(np.log2(len(heard) + len(pcm))))
+    corr = np.fft.irfft(np.fft.rfft(heard, n) * np.conj(np.fft.rfft(pcm, n)), n)
+    lag = int(np.argmax(np.abs(corr[: len(heard)])))
+    seg = heard[lag:lag + len(pcm)]
+    assert len(seg) == len(pcm), (lag, len(heard), len(pcm))
+    assert abs(np.dot(seg, pcm)) / (np.linalg.norm(seg) * np.linalg.norm(pcm) + 1e-12) > 0.9

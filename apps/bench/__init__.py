@@ -1,6 +1,6 @@
 """`moshi-mlx bench SUBJECT`: speed and memory tables, measured side by side with the
 reference implementations that are installed. One module per subject (mimi, lm, chat,
-convert); each measurement runs in its own worker process (common.run_job)."""
+asr, tts, convert); each measurement runs in its own worker process (common.run_job)."""
 from __future__ import annotations
 
 import argparse
@@ -12,19 +12,20 @@ SUBJECTS = {
     "lm": "one Moshi LM step: moshi_mlx fp32/q8/q4 vs moshi (PyTorch) fp32/bf16, and 7B q4",
     "chat": "the duplex loop (DuplexSession) frame by frame",
     "asr": "speech-to-text (SpeechToText) in Kyutai's STT shapes vs moshi (PyTorch), live and batched",
+    "tts": "text-to-speech (TextToSpeech) in tts-1.6b's shape vs moshi (PyTorch): real-time factor, first audio",
     "convert": "converting a synthetic 7B release to q4 and q8",
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks printed as tables (mimi, lm, chat, asr, convert)",
+    p = sub.add_parser("bench", help="benchmarks printed as tables (mimi, lm, chat, asr, tts, convert)",
                        description="Speed and memory benchmarks, measured side by side with the "
                                    "reference implementations that are installed. Subjects: "
                                    + "; ".join(f"{k}: {v}" for k, v in SUBJECTS.items()))
     p.add_argument("subject", choices=list(SUBJECTS), help="what to benchmark")
     p.add_argument("--audio", type=Path, default=None,
                    help="mimi, asr: audio file to use (default: synthetic speech-like sound)")
-    p.add_argument("--seconds", type=float, default=10.0, help="mimi, asr: clip length (default 10)")
+    p.add_argument("--seconds", type=float, default=10.0, help="mimi, asr: clip length; tts: audio to generate (default 10)")
     p.add_argument("--only", default=None,
                    help="mimi: comma-separated subset of moshi_mlx,moshi-torch,transformers,rustymimi")
     p.add_argument("--num-quantizers", type=int, default=8, help="mimi: codebooks (default 8, as Moshi)")

@@ -233,14 +233,22 @@ class LMModel(nn.Module):
         return self._text_head(self.transformer.step(self._embed_step_tokens(tokens, condition_sum), state)[0])
 
     # -- depformer -------------------------------------------------------------------------------
-    def _depformer_input(self, cb: int, prev_tokens: mx.array, transformer_out: mx.array) -> mx.array:
+    def _depformer_input(self, cb: int, prev_tokens: mx.array, transformer_out: mx.array,
+                         projected: dict[int, mx.array] | None = None) -> mx.array:
         """Input of depformer step `cb`: its projection of the temporal output plus the
-        embedding of the previous token (the text token at step 0)."""
+        embedding of the previous token (the text token at step 0). `projected` keeps the
+        projections of one frame: steps that share a weight set (the TTS's schedule: 11 sets
+        for 32 steps) compute theirs once."""
         cfg = self.config
         idx = 0
         if cfg.depformer_multi_linear:
             idx = cfg.depformer_weights_per_step_schedule[cb] if cfg.depformer_weights_per_step_schedule else cb
-        x = self.depformer_in[idx](transformer_out)
+        if projected is None:
+            x = self.depformer_in[idx](transformer_out)
+        else:
+            if idx not in projected:
+                projected[idx] = self.depformer_in[idx](transformer_out)
+            x = projected[idx]
         table = self.depformer_text_emb if cb == 0 else self.depformer_emb[cb - 1]
         return x + embed(table, prev_tokens)
 
@@ -255,10 +263,11 @@ class LMModel(nn.Module):
         return mx.stack([self.linears[cb](y[:, :, cb]) for cb in range(dep_q)], axis=1)
 
     def depformer_step(self, cb: int, prev_token: mx.array, transformer_out: mx.array,
-                       state: TransformerState) -> mx.array:
+                       state: TransformerState, projected: dict[int, mx.array] | None = None) -> mx.array:
         """Streaming depformer step `cb` of a frame (`state` from init_depformer_state):
-        prev_token [B] (text token at cb 0), transformer_out [B, 1, dim] → logits [B, card]."""
-        x = self._depformer_input(cb, prev_token[:, None], transformer_out)
+        prev_token [B] (text token at cb 0), transformer_out [B, 1, dim] → logits [B, card].
+        `projected`: one dict per frame, see _depformer_input."""
+        x = self._depformer_input(cb, prev_token[:, None], transformer_out, projected)
         return self.linears[cb](self.depformer.step(x, state)[0])[:, 0]
 
     def init_depformer_state(self) -> TransformerState:
@@ -273,10 +282,10 @@ class LMModel(nn.Module):
         temporal output holds the conditioned and the null halves (B' = 2B): each step's
         token is fed to both and `guide` mixes the halves' logits."""
         state = self.init_depformer_state()
-        prev, tokens = text, []
+        prev, tokens, projected = text, [], {}
         for cb in range(self.config.dep_q):
             inp = mx.concatenate([prev, prev]) if guide is not None else prev
-            logits = self.depformer_step(cb, inp, transformer_out, state)
+            logits = self.depformer_step(cb, inp, transformer_out, state, projected)
             prev = sampler(guide(logits) if guide is not None else logits, keys.next())
             tokens.append(prev)
         return mx.stack(tokens, axis=1)
