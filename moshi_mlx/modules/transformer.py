@@ -332,7 +332,13 @@ class Transformer(nn.Module):
             return None
         if source is None:
             raise ValueError("this transformer has cross-attention: it needs a conditioning source")
-        return [layer.cross_attention.source_kv(source) for layer in self.layers]
+        out = []
+        for layer in self.layers:
+            out.append(layer.cross_attention.source_kv(source))
+            # one layer at a time: a quantized model's prefill dequantizes each weight for
+            # the product (see quantize.py); evaluated together, all would be alive at once
+            mx.eval(out[-1])
+        return out
 
     def __call__(self, x: mx.array, cross_source: mx.array | None = None) -> mx.array:
         """Batch over the whole sequence: every query sees its full context."""
