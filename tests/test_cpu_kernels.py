@@ -85,3 +85,39 @@ def test_int8_kv_attention_kernel_matches_mlx(capacity, steps):
     # int8 rounding of N(0, 1) vectors of 32: steps of absmax/127 ≈ 0.02 → outputs within ~1%
     exact = mx.fast.scaled_dot_product_attention(q, k[:, :, -capacity:], v[:, :, -capacity:], scale=0.2)
     assert float(mx.abs(got - exact).max()) < 0.03 * float(mx.abs(exact).max())
+
+
+def test_thread_pool_survives_fork_and_threads():
+    """The kernels' worker threads are started once and kept: a forked child (which has none of
+    them) and concurrent callers from several Python threads still get their results."""
+    import os
+    import threading
+
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("no kernel on this CPU")
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 512, bias=False), 64, 8)
+    mx.eval(layer.parameters())
+    w, s, b = (np.array(a) for a in (layer.weight, layer.scales, layer.biases))
+    x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
+
+    def product(threads: int) -> np.ndarray:
+        out = np.empty((1, 512), np.float32)
+        kernels.quantized_matmul(x, w, s, b, out, 1, 512, 256, 8, 64, 0, threads)
+        return out
+
+    want = product(1)
+    np.testing.assert_array_equal(product(2), want)  # the pool is running now
+    pid = os.fork()
+    if pid == 0:  # the child: numpy buffers only (MLX's own threads do not survive a fork either)
+        ok = all(np.array_equal(product(2), want) for _ in range(20))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    results = []
+    threads = [threading.Thread(target=lambda: results.extend(product(2) for _ in range(50))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 200 and all(np.array_equal(r, want) for r in results)

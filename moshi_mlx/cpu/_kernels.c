@@ -163,17 +163,91 @@ static void *thread_main(void *arg) {
     return NULL;
 }
 
-/* Run jobs[0..n) (each `size` bytes), jobs 1… on their own threads and job 0 on this one.
-   A thread that cannot start has its job run here instead. */
-static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int n) {
-    pthread_t tids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < n; t++) started[t] = pthread_create(&tids[t], NULL, fn, (char *)jobs + t * size) == 0;
-    fn(jobs);
-    for (int t = 1; t < n; t++) {
-        if (started[t]) pthread_join(tids[t], NULL);
-        else fn((char *)jobs + t * size);
+/* A pool of worker threads, started on first use and kept: a product of a few million weights
+   takes 0.1-0.3 ms, and starting and joining a thread per call cost about as much again (the
+   TTS's depformer makes ~550 such calls per 80 ms frame). Workers sleep on a condition
+   variable between calls. One parallel call at a time (pool_call); a fork waits for the call in
+   progress and the child starts with no workers (its copies of the threads do not exist). */
+typedef struct {
+    void *(*fn)(void *);
+    char *jobs;
+    size_t size;
+    int n;
+} PoolTask;
+
+static pthread_mutex_t pool_call = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static PoolTask pool_task;
+static unsigned long pool_generation;
+static unsigned long pool_seen_at_start[MAX_THREADS];
+static int pool_remaining;
+static int pool_workers; /* started workers, ids 1..pool_workers */
+
+static void *pool_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool_mu);
+    unsigned long seen = pool_seen_at_start[id];
+    for (;;) {
+        while (pool_generation == seen) pthread_cond_wait(&pool_wake, &pool_mu);
+        seen = pool_generation;
+        PoolTask t = pool_task;
+        if (id < t.n) {
+            pthread_mutex_unlock(&pool_mu);
+            t.fn(t.jobs + (size_t)id * t.size);
+            pthread_mutex_lock(&pool_mu);
+            if (--pool_remaining == 0) pthread_cond_signal(&pool_done);
+        }
     }
+    return NULL;
+}
+
+static void pool_before_fork(void) { pthread_mutex_lock(&pool_call); }
+static void pool_after_fork_parent(void) { pthread_mutex_unlock(&pool_call); }
+static void pool_after_fork_child(void) {
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    pool_mu = m;
+    pool_wake = c;
+    pool_done = c;
+    pool_workers = 0;
+    pthread_mutex_unlock(&pool_call);
+}
+
+/* Run jobs[0..n) (each `size` bytes): jobs 1… on the pool's workers, job 0 on this thread. If
+   the workers cannot be started, all jobs run here, one after the other. */
+static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int n) {
+    if (n <= 1) {
+        fn(jobs);
+        return;
+    }
+    pthread_mutex_lock(&pool_call);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_workers < n - 1) {
+        int id = pool_workers + 1;
+        pthread_t tid;
+        pool_seen_at_start[id] = pool_generation;
+        if (pthread_create(&tid, NULL, pool_main, (void *)(intptr_t)id) != 0) break;
+        pthread_detach(tid);
+        pool_workers++;
+    }
+    if (pool_workers < n - 1) {
+        pthread_mutex_unlock(&pool_mu);
+        for (int t = 0; t < n; t++) fn((char *)jobs + (size_t)t * size);
+        pthread_mutex_unlock(&pool_call);
+        return;
+    }
+    pool_task = (PoolTask){fn, jobs, size, n};
+    pool_remaining = n - 1;
+    pool_generation++;
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_mu);
+    fn(jobs);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_remaining > 0) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+    pthread_mutex_unlock(&pool_call);
 }
 
 /* 4-bit blocks hold even elements in low nibbles and odd ones in high nibbles: reorder each
@@ -858,4 +932,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+#if HAVE_KERNEL
+    pthread_atfork(pool_before_fork, pool_after_fork_parent, pool_after_fork_child);
+#endif
+    return PyModule_Create(&module);
+}
