@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..checkpoints.voices import DEFAULT_VOICE, read_voice, voice_path
+from ..checkpoints.voices import read_voice, voice_path
 from ..errors import CheckpointError, InputError
 from ..modules.conditioners import Conditions, TensorCondition
 from .lmgen import LMGen
@@ -35,8 +35,6 @@ from .words import Word
 
 MAX_SPEAKERS = 5  # Kyutai's TTSModel.max_speakers: speaker slots of the cross-attention source
 VOICE_FRAMES = 125  # frames per slot when no voice fills it (10 s of Mimi latents)
-
-Voice = "str | Path | np.ndarray | None"
 
 
 @dataclass(frozen=True)
@@ -149,6 +147,7 @@ class TtsStream:
         self.gen.reset(batch_size)
         self.items = [_Item(tts.parser(padding_between), self.machine.new_state()) for _ in range(batch_size)]
         self.padding_bonus, self.final_padding = padding_bonus, final_padding
+        self._bonus = None  # the padding bonus as a logits offset
         self.mimi_states = [tts.mimi.init_state(1) for _ in range(batch_size)]
         self.offset = 0
         dep_q = tts.lm.config.dep_q
@@ -175,9 +174,11 @@ class TtsStream:
         if self.padding_bonus:
             import mlx.core as mx
 
-            bonus = np.zeros(logits.shape[-1], np.float32)
-            bonus[self.machine.ids.pad] = self.padding_bonus
-            logits = logits + mx.array(bonus).astype(logits.dtype)
+            if self._bonus is None:  # built once, added every step
+                bonus = np.zeros(logits.shape[-1], np.float32)
+                bonus[self.machine.ids.pad] = self.padding_bonus
+                self._bonus = mx.array(bonus).astype(logits.dtype)
+            logits = logits + self._bonus
         return logits
 
     def _on_text(self, tokens):
