@@ -136,6 +136,20 @@ def speech_pcm(seconds: float = 12.0) -> np.ndarray:
     return pcm[: int(seconds * 24000)]
 
 
+def share_file(src, dst) -> None:
+    """Puts a read-only fixture file (the 380 MB Mimi release, a tokenizer) into another model
+    directory as a hard link, so the suite's disk use does not grow with each directory that
+    needs one; a copy where links are impossible (another filesystem). Tests that alter a file
+    must copy it instead."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy(src, dst)
+
+
 @pytest.fixture(scope="session")
 def speech() -> np.ndarray:
     """12 s of real read speech at 24 kHz (150 Mimi frames: past the 250-step attention window)."""
@@ -143,15 +157,13 @@ def speech() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def kyutai_mimi(speech):
+def kyutai_mimi(speech, tmp_path_factory):
     """(reference torch model with all 32 codebooks active, path of its release-layout file)."""
-    import tempfile
-
     import reference as R
 
     ref = R.random_kyutai_mimi(speech)
     ref.set_num_codebooks(32)
-    path = Path(tempfile.mkdtemp(prefix="mimi-kyutai-")) / R.MIMI_RELEASE_NAME
+    path = tmp_path_factory.mktemp("mimi-kyutai") / R.MIMI_RELEASE_NAME
     R.save_kyutai_mimi(ref, path)
     return ref, path
 
@@ -166,7 +178,6 @@ def chat_model_dir(tmp_path_factory, kyutai_mimi):
     """A Kyutai-style directory with a tiny random LM, the Mimi release file and a tiny
     sentencepiece tokenizer, named in config.json: what `moshi-mlx chat --model` takes."""
     import json
-    import shutil
 
     import reference as R
     import sentencepiece as spm
@@ -174,7 +185,7 @@ def chat_model_dir(tmp_path_factory, kyutai_mimi):
     d = tmp_path_factory.mktemp("chat-model")
     kwargs = R.tiny_lm_kwargs()
     R.save_kyutai_lm(R.random_kyutai_lm(kwargs, seed=31), d, kwargs)
-    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    share_file(kyutai_mimi[1], d / kyutai_mimi[1].name)
     corpus = d / "corpus.txt"
     corpus.write_text("\n".join(["hello there how are you today", "the rabbit lived in the forest"] * 30))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tok"), vocab_size=25,
@@ -192,7 +203,6 @@ def stt_model_dir(tmp_path_factory, kyutai_mimi, chat_model_dir):
     heads, stt-1b's delay) whose text vocabulary is the tiny tokenizer's, so that random
     weights still spell words."""
     import json
-    import shutil
 
     import reference as R
 
@@ -200,8 +210,8 @@ def stt_model_dir(tmp_path_factory, kyutai_mimi, chat_model_dir):
     kwargs = R.tiny_lm_kwargs(text_card=25, n_q=32, dep_q=0, delays=[0] * 33, context=16,
                               extra_heads_num_heads=4, extra_heads_dim=6)
     R.save_kyutai_lm(R.random_kyutai_lm(kwargs, seed=43), d, kwargs)
-    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
-    shutil.copy(chat_model_dir / "tok.model", d / "tok.model")
+    share_file(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    share_file(chat_model_dir / "tok.model", d / "tok.model")
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(model_type="stt", mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model", model_id="test/stt-tiny",
                stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},

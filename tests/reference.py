@@ -275,13 +275,14 @@ def random_tts_lm(kwargs: dict, seed: int):
 def save_tts(model, d, kwargs: dict, kyutai_mimi, tok) -> None:
     """Release layout plus a Kyutai-style TTS config.json (model_type, tts_config, model_id)."""
     import json
-    import shutil
     from pathlib import Path
+
+    from conftest import share_file
 
     d = Path(d)
     save_kyutai_lm(model, d, kwargs)
-    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
-    shutil.copy(tok, d / "tok.model")
+    share_file(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    share_file(tok, d / "tok.model")
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(model_type="tts", mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model",
                model_id={"sig": "0123abcd", "epoch": 7},

@@ -12,6 +12,7 @@ import soundfile as sf
 import mlx.core as mx
 from moshi_mlx.sessions.lmgen import LMGen
 from moshi_mlx.models.moshi import MoshiForConditionalGeneration
+from conftest import share_file
 
 pytestmark = pytest.mark.reference
 
@@ -64,7 +65,7 @@ def test_clear_errors(model_dir, tmp_path):
     proc = chat("--model", model_dir)
     assert proc.returncode == 2 and "--input-file" in proc.stderr and "Traceback" not in proc.stderr
     no_tok = tmp_path / "no-tok"
-    shutil.copytree(model_dir, no_tok)
+    shutil.copytree(model_dir, no_tok, copy_function=share_file)  # read only, but for the tokenizer removed
     (no_tok / "tok.model").unlink()
     sf.write(tmp_path / "in.wav", np.zeros(4000, np.float32), 24000)
     proc = chat("--model", no_tok, "--input-file", tmp_path / "in.wav", "--output-file", tmp_path / "out.wav")

@@ -19,6 +19,7 @@ from moshi_mlx.models.moshi import MoshiForConditionalGeneration
 from moshi_mlx.quantize import QuantizationSpec, quantize_model
 import reference as R
 from test_lm_parity import check_logits
+from conftest import share_file
 
 pytestmark = pytest.mark.reference
 
@@ -30,13 +31,11 @@ def sha(path) -> str:
 @pytest.fixture(scope="module")
 def kyutai_src(tmp_path_factory, kyutai_mimi):
     """A Kyutai-style directory: LM release file + config.json, the Mimi file, a tokenizer."""
-    import shutil
-
     d = tmp_path_factory.mktemp("kyutai-src")
     kwargs = R.tiny_lm_kwargs()
     ref = R.random_kyutai_lm(kwargs, seed=11)
     R.save_kyutai_lm(ref, d, kwargs)
-    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    share_file(kyutai_mimi[1], d / kyutai_mimi[1].name)
     (d / "tokenizer_spm_32k_3.model").write_bytes(b"sentencepiece model stand-in")
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(mimi_name=kyutai_mimi[1].name, tokenizer_name="tokenizer_spm_32k_3.model")

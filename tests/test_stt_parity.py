@@ -9,7 +9,6 @@ KV cache wraps ~20 times) is saved in the release layout with a Kyutai-style con
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import reference as R
 from test_mimi_parity import assert_codes_match
 from moshi_mlx.errors import InputError
 from moshi_mlx.sessions.stt import SpeechToText
+from conftest import share_file
 
 pytestmark = pytest.mark.reference
 
@@ -36,8 +36,8 @@ def stt_dir(tmp_path_factory, kyutai_mimi, chat_model_dir):
     kwargs = stt_kwargs()
     ref = R.random_kyutai_lm(kwargs, seed=41)
     R.save_kyutai_lm(ref, d, kwargs)
-    shutil.copy(kyutai_mimi[1], d / kyutai_mimi[1].name)
-    shutil.copy(chat_model_dir / "tok.model", d / "tok.model")
+    share_file(kyutai_mimi[1], d / kyutai_mimi[1].name)
+    share_file(chat_model_dir / "tok.model", d / "tok.model")
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(model_type="stt", mimi_name=kyutai_mimi[1].name, tokenizer_name="tok.model",
                stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},

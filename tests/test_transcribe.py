@@ -21,6 +21,7 @@ import pytest
 
 from moshi_mlx.sessions.words import (EndOfTurn, EndWord, TurnConfig, TurnDetector, Word, WordTimer,
                                       words_from_events)
+from conftest import share_file
 
 SHARED_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 FRAME = 1920
@@ -311,7 +312,7 @@ def test_cli_bad_input(stt_model_dir, chat_model_dir, tmp_path):
     shutil.copy(good, locked)
     locked.chmod(0)
     no_tok = tmp_path / "stt-no-tokenizer"
-    shutil.copytree(stt_model_dir, no_tok)
+    shutil.copytree(stt_model_dir, no_tok, copy_function=share_file)  # read only, but for the tokenizer removed
     (no_tok / "tok.model").unlink()
     out = tmp_path / "out.json"
     model = ["--model", str(stt_model_dir)]
