@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import args as check
+
 DEFAULT_MODEL = "kyutai/moshiko-mlx-q4"
 
 
@@ -27,13 +29,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"converted directory, Kyutai checkpoint directory or repo id (default {DEFAULT_MODEL})")
     p.add_argument("-q", "--quantize", type=int, choices=[4, 8], default=None,
                    help="quantize a full-precision checkpoint while loading")
-    p.add_argument("--temp", type=_temperature, default=0.8, help="audio sampling temperature (0 = greedy)")
-    p.add_argument("--temp-text", type=_temperature, default=0.7, help="text sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=_top_k, default=250, help="audio top-k (0 = no limit)")
-    p.add_argument("--top-k-text", type=_top_k, default=25, help="text top-k (0 = no limit)")
-    p.add_argument("--top-p", type=_top_p, default=0.0,
+    p.add_argument("--temp", type=check.temperature, default=0.8, help="audio sampling temperature (0 = greedy)")
+    p.add_argument("--temp-text", type=check.temperature, default=0.7, help="text sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=check.top_k, default=250, help="audio top-k (0 = no limit)")
+    p.add_argument("--top-k-text", type=check.top_k, default=25, help="text top-k (0 = no limit)")
+    p.add_argument("--top-p", type=check.top_p, default=0.0,
                    help="audio nucleus sampling, 0..1 (0 = off; takes precedence over top-k)")
-    p.add_argument("--top-p-text", type=_top_p, default=0.0,
+    p.add_argument("--top-p-text", type=check.top_p, default=0.0,
                    help="text nucleus sampling, 0..1 (0 = off; takes precedence over top-k)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--input-file", type=Path, default=None, help="the user's side, as an audio file")
@@ -41,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write Moshi's side here (24 kHz; .wav, .flac, .ogg or .mp3)")
     p.add_argument("--record", type=Path, default=None,
                    help="write both sides as stereo (user, Moshi; .wav, .flac, .ogg or .mp3)")
-    p.add_argument("--max-minutes", type=_minutes, default=None, help="stop after this much audio (> 0)")
+    p.add_argument("--max-minutes", type=check.minutes, default=None, help="stop after this much audio (> 0)")
     p.add_argument("--input-device", default=None, help="microphone (index or name; see --list-devices)")
     p.add_argument("--output-device", default=None, help="speakers (index or name; see --list-devices)")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
@@ -51,51 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-# argparse `type=` checks: a bad value is refused in one line (exit status 2) before anything
-# loads, instead of sampling garbage (a negative temperature) after a long model load.
-def _number(text: str, kind=float):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if kind is float and not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def _temperature(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text!r}")
-    return value
-
-
-def _top_k(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
-    return value
-
-
-def _minutes(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
 def load_session(args: argparse.Namespace):
-    from moshi_mlx.models.loading import load
-    from moshi_mlx.sessions.duplex import DuplexSession
+    from moshi_mlx.checkpoints import lm as lm_ckpt
+    from moshi_mlx.models.loading import load_checkpoint
+    from moshi_mlx.sessions.duplex import DuplexSession, check_duplex_config
 
-    model = load(args.model, quantize=args.quantize)
+    ckpt = lm_ckpt.read(args.model)
+    check_duplex_config(ckpt.config, ckpt.source)  # before the weights load
+    model = load_checkpoint(ckpt, quantize=args.quantize)
     return DuplexSession(model.lm, model.mimi, model.tokenizer, temp=args.temp, temp_text=args.temp_text,
                          top_k=args.top_k, top_k_text=args.top_k_text, top_p=getattr(args, "top_p", 0.0),
                          top_p_text=getattr(args, "top_p_text", 0.0), seed=args.seed)

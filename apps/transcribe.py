@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import args as check
 from .formats import FORMATS, render
 
 DEFAULT_MODEL = "kyutai/stt-1b-en_fr"
@@ -39,20 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="semantic VAD: end-of-turn events (needs a checkpoint with extra heads)")
     p.add_argument("--vad-threshold", type=_probability, default=0.6,
                    help="end of turn when the smoothed pause probability exceeds this (default 0.6)")
-    p.add_argument("--batch", type=_positive, default=8, help="files transcribed together (default 8)")
+    p.add_argument("--batch", type=check.positive, default=8, help="files transcribed together (default 8)")
     p.add_argument("--mic", action="store_true", help="live captions from the microphone (Ctrl-C to stop)")
     p.add_argument("--input-device", default=None, help="microphone for --mic (index or name)")
     p.set_defaults(run=run)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
 
 
 def _probability(text: str) -> float:

@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 
 # System packages (Debian/Ubuntu): OpenBLAS makes MLX's CPU backend 10-30x faster; espeak-ng
 # speaks test sentences; PortAudio is what sounddevice opens devices with; PulseAudio (a null sink)
-# and the ALSA pulse plugin give the chat test real audio devices.
+# and the ALSA pulse plugin give the chat test real audio devices; Chromium runs the web page of
+# `moshi-mlx serve` (driven by Playwright, which never downloads a browser of its own here).
 if command -v apt-get >/dev/null 2>&1; then
     need=()
-    for pkg in libopenblas0 libportaudio2 espeak-ng pulseaudio pulseaudio-utils libasound2-plugins; do
+    for pkg in libopenblas0 libportaudio2 espeak-ng pulseaudio pulseaudio-utils libasound2-plugins chromium; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     if [ ${#need[@]} -gt 0 ]; then

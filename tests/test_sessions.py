@@ -97,3 +97,20 @@ def test_a_model_without_depformer_cannot_chat():
                           delays=[0] * 5, model_type="stt"))
     with pytest.raises(InputError, match="stt model, dep_q = 0.*cannot speak"):
         DuplexSession(lm, tiny_mimi())
+
+
+def test_duplex_config_is_checked_before_loading():
+    """`chat` and `serve` refuse an STT or TTS checkpoint from its config alone, naming the command."""
+    import pytest
+
+    from moshi_mlx.errors import InputError
+    from moshi_mlx.sessions.duplex import check_duplex_config
+
+    check_duplex_config({})  # a Moshiko/Moshika release: no config.json, the 7B defaults
+    check_duplex_config({"dep_q": 8, "model_type": "moshi"})
+    with pytest.raises(InputError, match="'stt' model.*moshi-mlx transcribe"):
+        check_duplex_config({"dep_q": 0, "model_type": "stt"}, "stt/config.json")
+    with pytest.raises(InputError, match="'tts' model.*moshi-mlx tts"):
+        check_duplex_config({"dep_q": 16, "model_type": "tts"})
+    with pytest.raises(InputError, match="dep_q = 0"):
+        check_duplex_config({"dep_q": 0})

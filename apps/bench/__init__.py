@@ -1,6 +1,6 @@
 """`moshi-mlx bench SUBJECT`: speed and memory tables, measured side by side with the
 reference implementations that are installed. One module per subject (mimi, lm, chat,
-asr, tts, convert); each measurement runs in its own worker process (common.run_job)."""
+asr, tts, convert, serve); each measurement runs in its own worker process (common.run_job)."""
 from __future__ import annotations
 
 import argparse
@@ -14,11 +14,12 @@ SUBJECTS = {
     "asr": "speech-to-text (SpeechToText) in Kyutai's STT shapes vs moshi (PyTorch), live and batched",
     "tts": "text-to-speech (TextToSpeech) in tts-1.6b's shape vs moshi (PyTorch): real-time factor, first audio",
     "convert": "converting a synthetic 7B release to q4 and q8",
+    "serve": "what `moshi-mlx serve`'s websocket + Opus path adds per frame vs file-mode chat (loopback)",
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks printed as tables (mimi, lm, chat, asr, tts, convert)",
+    p = sub.add_parser("bench", help="benchmarks printed as tables (mimi, lm, chat, asr, tts, convert, serve)",
                        description="Speed and memory benchmarks, measured side by side with the "
                                    "reference implementations that are installed. Subjects: "
                                    + "; ".join(f"{k}: {v}" for k, v in SUBJECTS.items()))
@@ -31,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-quantizers", type=int, default=8, help="mimi: codebooks (default 8, as Moshi)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--steps", type=int, default=20,
-                   help="lm: timed steps per row (after 3 warm-up steps); chat: frames (at least 50)")
+                   help="lm: timed steps per row (after 3 warm-up steps); chat, serve: frames (at least 50)")
     p.add_argument("--no-7b", action="store_true", help="lm: skip the full 7B q4 row; asr: skip the 2.6B shape (they take minutes)")
     p.set_defaults(run=run)
 

@@ -37,6 +37,17 @@ class DuplexStats:
     decode_ms: float = 0.0
 
 
+def check_duplex_config(config: dict, source: str = "config.json") -> None:
+    """Refuses, before any weight loads, a checkpoint that cannot hold a conversation
+    (`config`: the LM config of checkpoints.lm.read), naming the command that fits it."""
+    kind = config.get("model_type") or "moshi"
+    if kind in ("stt", "tts") or not config.get("dep_q", 8):
+        fits = {"stt": "transcribe", "tts": "tts"}.get(kind)
+        raise InputError(f"{source}: this is a {kind!r} model (dep_q = {config.get('dep_q', 8)}), not a Moshi "
+                         "speech-to-speech one: a conversation needs e.g. kyutai/moshiko-mlx-q4"
+                         + (f"; use `moshi-mlx {fits}` with it" if fits else ""))
+
+
 class DuplexSession:
     """Streams one conversation. `reset()` starts a new one; sessions have no length limit."""
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .duplex import DuplexSession
+    from .duplex import DuplexSession, FrameOutput
 
 
 class LiveLoop:
@@ -16,8 +16,10 @@ class LiveLoop:
     (`process_one` in a loop, or `run_worker`) echo-cancels, runs the model and queues
     Moshi's frames. With MLX that must be the thread that loaded the model (MLX streams are
     per thread), which is why `moshi-mlx chat` keeps it on the main thread. Lag control: when
-    the model falls behind, input frames older than `max_lag_frames` are dropped (and
-    counted) so that latency stays bounded instead of growing without end.
+    the model falls behind (or a network client sends faster than real time), input frames
+    older than `max_lag_frames` are dropped (and counted) so that latency and memory stay
+    bounded instead of growing without end; so are Moshi's frames beyond `max_out_frames`
+    that nobody takes (`pull_output` for a device, `pop_output` for a network client).
     All audio here is mono float32 at the session's 24 kHz.
 
     `clock` (seconds, default time.perf_counter) times the model's steps: tests pass a fake one
@@ -63,12 +65,15 @@ class LiveLoop:
         while len(self._in_buf) >= self.frame:
             self.in_q.append(self._in_buf[: self.frame].copy())
             self._in_buf = self._in_buf[self.frame:]
+            while len(self.in_q) > self.max_lag_frames:  # the model fell behind: keep the newest frames
+                self.in_q.popleft()
+                self.dropped_in += 1
             self._wake.set()
 
     def pull_output(self, n: int) -> np.ndarray:
         while len(self._out_buf) < n:
             if self.out_q:
-                self._out_buf = np.concatenate([self._out_buf, self.out_q.popleft()])
+                self._out_buf = np.concatenate([self._out_buf, self.out_q.popleft().pcm])
             else:  # the model has nothing ready: play silence
                 self.underruns += 1
                 self._out_buf = np.concatenate([self._out_buf, np.zeros(n - len(self._out_buf), np.float32)])
@@ -80,6 +85,14 @@ class LiveLoop:
             while len(self.far_q) > 8:
                 self.far_q.popleft()
         return out
+
+    def pop_output(self) -> "FrameOutput | None":
+        """The oldest of Moshi's frames not yet taken (audio and text), or None: for a consumer
+        that sends whole frames on (the server) rather than playing samples."""
+        try:
+            return self.out_q.popleft()
+        except IndexError:
+            return None
 
     def count_device_output(self, requested: int, supplied: int, underflow: bool = False) -> None:
         """Called from the output device's callback: it asked for `requested` samples and got
@@ -101,12 +114,10 @@ class LiveLoop:
 
     def process_one(self) -> bool:
         """Process the oldest pending input frame, if any. Returns whether one was processed."""
-        while len(self.in_q) > self.max_lag_frames:  # fell behind: keep only the newest frames
-            self.in_q.popleft()
-            self.dropped_in += 1
-        if not self.in_q:
+        try:
+            user = self.in_q.popleft()
+        except IndexError:  # nothing pending (push_input already dropped what was too old)
             return False
-        user = self.in_q.popleft()
         far = self.far_q.popleft() if self.far_q else np.zeros(self.frame, np.float32)
         near = self.aec.process(user, far) if self.aec is not None else user
         t0 = self.clock()
@@ -114,7 +125,7 @@ class LiveLoop:
         dt = (self.clock() - t0) * 1e3
         self.step_ms = dt if self.frames == 0 else 0.9 * self.step_ms + 0.1 * dt
         self.frames += 1
-        self.out_q.append(out.pcm)
+        self.out_q.append(out)
         while len(self.out_q) > self.max_out_frames:
             self.out_q.popleft()
             self.dropped_out += 1
