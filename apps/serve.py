@@ -22,8 +22,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="talk to Moshi in the browser (Kyutai's websocket protocol, our web page)",
                        description="Serve Moshi to the browser: our page at /, Kyutai's duplex websocket protocol at "
                                    "/api/chat (Kyutai's clients work unchanged), /api/health.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"converted directory, Kyutai checkpoint directory or repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--model", "--chat", dest="model", default=None,
+                   help="the conversation model (/, /api/chat): converted directory, Kyutai checkpoint directory "
+                        f"or repo id (default {DEFAULT_MODEL} unless only --stt/--tts are given)")
+    p.add_argument("--stt", default=None, metavar="REPO|DIR",
+                   help="serve speech-to-text with this model (/api/asr-streaming, /v1/audio/transcriptions)")
+    p.add_argument("--tts", default=None, metavar="REPO|DIR",
+                   help="serve text-to-speech with this model (/api/tts_streaming, /v1/audio/speech)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="the speech services accept only clients with this key (kyutai-api-key header, auth_id "
+                        "query parameter or Authorization: Bearer); repeatable; required off 127.0.0.1")
+    p.add_argument("--voice-dir", type=Path, default=None,
+                   help="TTS voices by name from this directory first (NAME.safetensors), then kyutai/tts-voices")
+    p.add_argument("--tts-cfg", type=float, default=2.0, help="TTS CFG strength (default 2.0; cfg_alpha= per client)")
+    p.add_argument("--tts-temp", type=check.temperature, default=0.6, help="TTS temperature (default 0.6)")
     p.add_argument("-q", "--quantize", type=int, choices=[4, 8], default=None,
                    help="quantize a full-precision checkpoint while loading")
     p.add_argument("--host", default="127.0.0.1",
@@ -33,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="serve https/wss with DIR/cert.pem and DIR/key.pem (browsers give the microphone "
                         "only to https pages or localhost)")
     p.add_argument("--max-sessions", type=check.positive, default=1,
-                   help="conversations at once (default 1; each holds its own KV cache)")
+                   help="sessions at once, per service (default 1; each holds its own KV cache)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="also accept websockets from this page origin (e.g. https://example.org; '*' = any); "
                         "repeatable")
@@ -85,33 +97,61 @@ def _check_port(host: str, port: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from moshi_mlx.checkpoints import lm as lm_ckpt
+    from moshi_mlx.errors import InputError
     from moshi_mlx.models.loading import load_checkpoint
     from moshi_mlx.sessions.duplex import check_duplex_config
 
     from .server.app import NetworkThread, ServerConfig, make_app
     from .server.worker import ModelWorker
 
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # Everything checkable without the weights is checked before they load.
     ssl_context = _ssl_context(args.ssl) if args.ssl is not None else None
+    if args.model is None and args.stt is None and args.tts is None:
+        args.model = DEFAULT_MODEL
     if args.host not in LOCAL_HOSTS:
+        if (args.stt or args.tts) and not args.api_key:
+            raise InputError(f"--host {args.host} exposes the speech services to other machines: give at least one "
+                             "--api-key")
         print(f"warning: listening on {args.host}: other machines can use this model"
               + ("" if ssl_context else "; browsers there give the microphone only to https pages (--ssl DIR)"),
               file=sys.stderr)
+    if args.voice_dir is not None and not args.voice_dir.is_dir():
+        raise InputError(f"--voice-dir {args.voice_dir}: not a directory")
     _check_port(args.host, args.port)
-    ckpt = lm_ckpt.read(args.model)
-    check_duplex_config(ckpt.config, ckpt.source)
-    print(f"loading {args.model}…", file=sys.stderr)
-    model = load_checkpoint(ckpt, quantize=args.quantize)
+    ckpt = None
+    if args.model is not None:
+        ckpt = lm_ckpt.read(args.model)
+        check_duplex_config(ckpt.config, ckpt.source)
+    speech = {}
+    if args.stt is not None:
+        from moshi_mlx.sessions.stt import SpeechToText
+
+        print(f"loading {args.stt} (speech-to-text)…", file=sys.stderr)
+        speech["stt"] = SpeechToText.from_pretrained(args.stt, quantize=args.quantize)
+    if args.tts is not None:
+        from moshi_mlx.sessions.tts import TextToSpeech
+
+        print(f"loading {args.tts} (text-to-speech)…", file=sys.stderr)
+        speech["tts"] = TextToSpeech.from_pretrained(args.tts, quantize=args.quantize)
+        speech["tts"].config.check_cfg(args.tts_cfg)
+    model = None
+    if ckpt is not None:
+        print(f"loading {args.model}…", file=sys.stderr)
+        model = load_checkpoint(ckpt, quantize=args.quantize)
     worker = ModelWorker(model, dict(temp=args.temp, temp_text=args.temp_text, top_k=args.top_k,
-                                     top_k_text=args.top_k_text, seed=args.seed))
-    print("warming up the model…", file=sys.stderr)
-    worker.warm_up()
-    config = ServerConfig(model_name=args.model, max_sessions=args.max_sessions, host=args.host,
-                          allow_origins=tuple(args.allow_origin))
+                                     top_k_text=args.top_k_text, seed=args.seed), speech=speech)
+    if model is not None:
+        print("warming up the model…", file=sys.stderr)
+        worker.warm_up()
+    names = [f"{kind} {name}" for kind, name in (("chat", args.model), ("stt", args.stt), ("tts", args.tts)) if name]
+    config = ServerConfig(model_name=", ".join(names), max_sessions=args.max_sessions, host=args.host,
+                          allow_origins=tuple(args.allow_origin), api_keys=tuple(args.api_key),
+                          voice_dir=args.voice_dir, tts_defaults={"cfg": args.tts_cfg, "temp": args.tts_temp,
+                                                                  "seed": args.seed})
     network = NetworkThread(make_app(config, worker), args.host, args.port, ssl_context)
     network.start()
     if not network.started.wait(30) or network.error is not None:
@@ -121,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         raise MoshiMlxError(f"cannot listen on {args.host}:{args.port}: {network.error or 'timed out'}")
     url = network.url
     print(f"serving Moshi at {url} (Ctrl-C to stop)", flush=True)
-    if not args.no_browser:
+    if not args.no_browser and model is not None:  # the page is the conversation's
         import webbrowser
 
         webbrowser.open(url)

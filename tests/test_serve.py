@@ -44,10 +44,11 @@ def serve_model_dir(tmp_path_factory, kyutai_mimi, chat_model_dir):
 
 
 class Server:
-    def __init__(self, model_dir: Path, *extra: str):
+    """`moshi-mlx serve ARGS… --port 0 --no-browser` as a user runs it, once it listens."""
+
+    def __init__(self, *args: str):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moshi_mlx", "serve", "--model", str(model_dir), "--port", "0", "--no-browser",
-             "--temp", "0", "--temp-text", "0", *extra],
+            [sys.executable, "-m", "moshi_mlx", "serve", "--port", "0", "--no-browser", *map(str, args)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # printed once listening (after load and warm-up)
         match = re.search(r"serving Moshi at (http://\S+)", line)
@@ -56,7 +57,8 @@ class Server:
             raise AssertionError(f"no URL printed: {line!r} {self.proc.stderr.read()}")
         self.url = match.group(1)
         self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
-        self.ws = f"ws://127.0.0.1:{self.port}/api/chat"
+        self.base = f"ws://127.0.0.1:{self.port}"
+        self.ws = self.base + "/api/chat"
 
     def health(self) -> dict:
         with urllib.request.urlopen(self.url + "api/health", timeout=10) as r:
@@ -69,7 +71,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(serve_model_dir):
-    s = Server(serve_model_dir)
+    s = Server("--model", serve_model_dir, "--temp", "0", "--temp-text", "0")
     yield s
     if s.proc.poll() is None:
         s.proc.kill()
@@ -320,6 +322,7 @@ def test_long_session_keeps_memory_and_latency_flat(server, speech):
         while not done.wait(2.0):
             rss.append(server.rss_mb())
 
+    dropped_before = server.health()["dropped_input_frames"]  # earlier tests may have sent bursts
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
@@ -337,7 +340,7 @@ def test_long_session_keeps_memory_and_latency_flat(server, speech):
     print(f"{minutes} min session: server RSS {rss[quarter]:.0f} → {rss[-1]:.0f} MB, median latency "
           f"{early:.0f} → {late:.0f} ms (2 frames in flight)")
     assert late < 1.5 * early + 20, (early, late)
-    assert server.health()["dropped_input_frames"] == 0
+    assert server.health()["dropped_input_frames"] == dropped_before
 
 
 # -- the page, in Chromium --------------------------------------------------------------------------

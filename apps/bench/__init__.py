@@ -34,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20,
                    help="lm: timed steps per row (after 3 warm-up steps); chat, serve: frames (at least 50)")
     p.add_argument("--no-7b", action="store_true", help="lm: skip the full 7B q4 row; asr: skip the 2.6B shape (they take minutes)")
+    p.add_argument("--stt", action="store_true", help="serve: the STT websocket with 1, 4 and 8 clients")
+    p.add_argument("--tts", action="store_true", help="serve: the TTS websocket's time to first audio")
     p.set_defaults(run=run)
 
 
@@ -42,4 +44,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.only is not None and args.subject != "mimi":
         raise InputError("--only applies to `bench mimi`")
+    if (args.stt or args.tts) and args.subject != "serve":
+        raise InputError("--stt and --tts apply to `bench serve`")
     return importlib.import_module(f"{__name__}.{args.subject}").run(args)

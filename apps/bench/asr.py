@@ -69,9 +69,8 @@ class _NoTokenizer:
         return "w" * len(list(tokens))
 
 
-def _bench_mlx(job: AsrJob, pcm: np.ndarray) -> dict:
-    import time
-
+def build_stt(shape: str, bits: int):
+    """A SpeechToText with random weights in one of Kyutai's STT shapes (bits 0: full precision)."""
     import mlx.core as mx
 
     from moshi_mlx.models.lm import LmConfig, LMModel
@@ -79,17 +78,23 @@ def _bench_mlx(job: AsrJob, pcm: np.ndarray) -> dict:
     from moshi_mlx.quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model
     from moshi_mlx.sessions.stt import SpeechToText, SttConfig
 
-    t0 = time.perf_counter()
     mimi = MimiModel()
     mx.eval(mimi.parameters())
-    lm = LMModel(LmConfig(**lm_kwargs(job.shape)))  # lazy random init: never all in fp32 when quantized
-    if job.bits:
-        quantize_model(lm, QuantizationSpec.make(job.bits))
+    lm = LMModel(LmConfig(**lm_kwargs(shape)))  # lazy random init: never all in fp32 when quantized
+    if bits:
+        quantize_model(lm, QuantizationSpec.make(bits))
     cast_floating(lm, compute_dtype())
     eval_by_layer(lm)
+    s = SHAPES[shape]
+    return SpeechToText(lm, mimi, _NoTokenizer(), SttConfig(s["delay"], s["prefix"]))
+
+
+def _bench_mlx(job: AsrJob, pcm: np.ndarray) -> dict:
+    import time
+
+    t0 = time.perf_counter()
+    stt = build_stt(job.shape, job.bits)
     load_s = time.perf_counter() - t0
-    s = SHAPES[job.shape]
-    stt = SpeechToText(lm, mimi, _NoTokenizer(), SttConfig(s["delay"], s["prefix"]))
     # Warm-up (allocation, first calls), then the timed run over the whole clip.
     stt.transcribe_batch([pcm[:24000]] * job.batch)
     first = None

@@ -75,9 +75,8 @@ def _voice() -> np.ndarray:
     return (np.random.default_rng(0).standard_normal((125, 512)) * 0.7).astype(np.float32)
 
 
-def _bench_mlx(job: TtsJob) -> dict:
-    import time
-
+def build_tts(bits: int):
+    """A TextToSpeech with random weights in tts-1.6b's shape (bits 0: full precision)."""
     import mlx.core as mx
 
     from moshi_mlx.models.lm import LmConfig, LMModel
@@ -85,19 +84,25 @@ def _bench_mlx(job: TtsJob) -> dict:
     from moshi_mlx.quantize import QuantizationSpec, cast_floating, compute_dtype, eval_by_layer, quantize_model
     from moshi_mlx.sessions.tts import TextToSpeech, TtsConfig
 
-    t0 = time.perf_counter()
     mimi = MimiModel()
     mx.eval(mimi.parameters())
     kwargs = tts_kwargs()
     lm = LMModel(LmConfig(**kwargs))  # lazy random init: never all in fp32 when quantized
-    if job.bits:
-        quantize_model(lm, QuantizationSpec.make(job.bits))
+    if bits:
+        quantize_model(lm, QuantizationSpec.make(bits))
     cast_floating(lm, compute_dtype())
     eval_by_layer(lm)
-    load_s = time.perf_counter() - t0
     config = TtsConfig.from_config({**kwargs, "model_type": "tts",
                                     "tts_config": {"audio_delay": 1.28, "second_stream_ahead": AHEAD}})
-    tts = TextToSpeech(lm, mimi, _Tokenizer(), config)
+    return TextToSpeech(lm, mimi, _Tokenizer(), config)
+
+
+def _bench_mlx(job: TtsJob) -> dict:
+    import time
+
+    t0 = time.perf_counter()
+    tts = build_tts(job.bits)
+    load_s = time.perf_counter() - t0
     voice = _voice()
     warm = tts.stream(voice, seed=1)  # allocation, first calls
     warm.push(TEXT)

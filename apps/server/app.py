@@ -15,25 +15,18 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
 from . import protocol as P
+from .state import HARD_MAX_MESSAGE_BYTES, HEARTBEAT_SECONDS, STATE, ServerConfig, ServerState, Service
 from .worker import ModelWorker
 
 log = logging.getLogger("moshi_mlx.serve")
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
-# An Ogg/Opus page of the browser's encoder (2 frames of 20 ms) is a few hundred bytes. A
-# larger message gets an ERROR and a close; beyond HARD_MAX_MESSAGE_BYTES aiohttp closes the
-# socket itself (code 1009) without reading the rest, so no message can exhaust memory.
-MAX_MESSAGE_BYTES = 64 * 1024
-HARD_MAX_MESSAGE_BYTES = 1024 * 1024
-# A client silent this long (no audio, no pong) is dropped, freeing its session.
-HEARTBEAT_SECONDS = 10.0
 # With `?stats=1` (our page), the session's counters go to the client as METADATA this often;
 # Kyutai's clients never ask (their Python client would log each as an unknown kind).
 STATS_EVERY_S = 1.0
@@ -49,36 +42,24 @@ QUERY_PARAMS = {
 }
 
 
-@dataclass
-class ServerConfig:
-    model_name: str
-    max_sessions: int = 1
-    host: str = "127.0.0.1"
-    allow_origins: tuple[str, ...] = ()
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-
-
-@dataclass
-class ServerState:
-    config: ServerConfig
-    worker: ModelWorker
-    started: float = field(default_factory=time.monotonic)
-    active: int = 0
-    refused_busy: int = 0
-    refused_origin: int = 0
-    protocol_errors: int = 0
-
-
-STATE = web.AppKey("state", ServerState)
 
 
 def make_app(config: ServerConfig, worker: ModelWorker) -> web.Application:
-    app = web.Application(client_max_size=config.max_message_bytes, middlewares=[_headers])
-    app[STATE] = ServerState(config, worker)
+    from . import services
+    from .speech import MAX_UPLOAD_BYTES
+
+    # Request bodies: whole audio files for the transcription endpoints.
+    app = web.Application(client_max_size=MAX_UPLOAD_BYTES, middlewares=[_headers])
+    state = ServerState(config, worker)
+    for name, model in (("chat", worker.model), ("stt", worker.speech.get("stt")), ("tts", worker.speech.get("tts"))):
+        if model is not None:
+            state.services[name] = Service(name, model, config.max_sessions)
+    app[STATE] = state
     app.router.add_get("/", index)
     app.router.add_get("/api/chat", chat)
     app.router.add_get("/api/health", health)
     app.router.add_static("/assets/", WEB_DIR, follow_symlinks=False)
+    services.add_routes(app)
     return app
 
 
@@ -104,12 +85,15 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok",
         "model": state.config.model_name,
-        "sessions": {"active": state.active, "max": state.config.max_sessions,
-                     "opened": stats.sessions_opened, "refused_busy": state.refused_busy,
+        "services": {name: {"active": s.active, "max": s.max_sessions, "refused_busy": s.refused}
+                     for name, s in state.services.items()},
+        "sessions": {"active": sum(s.active for s in state.services.values()), "max": state.config.max_sessions,
+                     "opened": stats.sessions_opened,
+                     "refused_busy": sum(s.refused for s in state.services.values()),
                      "refused_origin": state.refused_origin, "protocol_errors": state.protocol_errors},
         "frames": stats.frames,
         "step_ms": round(stats.step_ms, 2),
-        "dropped_input_frames": stats.dropped_in + sum(c.loop.dropped_in for c in list(state.worker.channels.values())),
+        "dropped_input_frames": stats.dropped_in + sum(getattr(c.engine, 'dropped_in', 0) for c in list(state.worker.channels.values())),
         "uptime_s": round(time.monotonic() - state.started, 1),
     }, dumps=lambda o: json.dumps(o, indent=1))
 
@@ -164,8 +148,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.Response(status=403, text="websocket Origin not allowed (see moshi-mlx serve --allow-origin)\n")
     ws = web.WebSocketResponse(max_msg_size=HARD_MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT_SECONDS)
     await ws.prepare(request)
-    if state.active >= config.max_sessions:
-        state.refused_busy += 1
+    service = state.services.get("chat")
+    if service is None:
+        await _refuse(ws, "no conversation model loaded on this server (moshi-mlx serve --model REPO|DIR)")
+        return ws
+    if service.active >= config.max_sessions:
+        service.refused += 1
         await _refuse(ws, f"busy: the server already runs {config.max_sessions} session(s) "
                           "(moshi-mlx serve --max-sessions); try again later", code=1013)
         return ws
@@ -174,11 +162,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     except ValueError as e:
         await _refuse(ws, str(e))
         return ws
-    state.active += 1
+    service.active += 1
     try:
         await _converse(ws, state.worker, overrides, state, want_stats=request.query.get("stats") == "1")
     finally:
-        state.active -= 1
+        service.active -= 1
     return ws
 
 
@@ -191,7 +179,7 @@ async def _refuse(ws: web.WebSocketResponse, text: str, code: int = 1008) -> Non
 
 
 def _session_stats(channel) -> dict:
-    loop = channel.loop
+    loop = channel.engine
     return {"frames": loop.frames, "dropped_frames": loop.dropped_in, "unsent_frames_dropped": loop.dropped_out,
             "step_ms": round(loop.step_ms, 1)}
 
@@ -222,7 +210,7 @@ async def _converse(ws: web.WebSocketResponse, worker: ModelWorker, overrides: d
         while not ws.closed:
             await ready.wait()
             ready.clear()
-            while (out := channel.loop.pop_output()) is not None:
+            while (out := channel.engine.pop_output()) is not None:
                 # a frame's text before its audio: a client that has the audio has its words
                 if out.text:
                     await ws.send_bytes(P.message(P.TEXT, out.text))
@@ -269,7 +257,7 @@ async def _converse(ws: web.WebSocketResponse, worker: ModelWorker, overrides: d
         if not ws.closed:
             await ws.close()
         log.info("session %d closed after %.1f s (%d frames, %d dropped)", channel.id,
-                 time.monotonic() - channel.opened, channel.loop.frames, channel.loop.dropped_in)
+                 time.monotonic() - channel.opened, channel.engine.frames, channel.engine.dropped_in)
 
 
 class NetworkThread(threading.Thread):

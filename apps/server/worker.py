@@ -1,14 +1,15 @@
-"""The model worker: every session's frames run on the one thread that loaded the model.
+"""The model worker: every session's frames run on the one thread that loaded the models.
 
 MLX's streams are per thread (and a process that used MLX from a second thread can abort at
-exit), so `moshi-mlx serve` keeps the model on the main thread, like `chat`, and runs the
-network (aiohttp) on another. Each connection is a `ChatChannel`: a DuplexSession with its
-own state on the shared model, inside a LiveLoop (the lag control of `chat`: input frames
-beyond `max_lag_frames` and unsent output frames beyond `max_out_frames` are dropped and
-counted, so a client sending faster or reading slower than real time cannot grow memory or
-latency). The worker steps the channels in turn, one frame each, so that sessions share
-the model fairly. Channels are opened and closed through a request queue: sessions are made
-and freed on the model's thread too.
+exit), so `moshi-mlx serve` keeps the models on the main thread, like `chat`, and runs the
+network (aiohttp) on another. Each connection is a `Channel` around an engine with its own
+state on a shared model: for a conversation, a DuplexSession inside a LiveLoop (the lag
+control of `chat`: input frames beyond `max_lag_frames` and unsent output frames beyond
+`max_out_frames` are dropped and counted, so a client sending faster or reading slower than
+real time cannot grow memory or latency); for speech-to-text and text-to-speech, the
+engines of apps.server.speech. The worker steps the channels in turn, one frame each, so
+that sessions share the models fairly. Channels are opened and closed through a request
+queue: engines are made and freed on the models' thread too.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -25,14 +26,22 @@ from moshi_mlx.sessions.duplex import DuplexSession
 from moshi_mlx.sessions.live import LiveLoop
 
 
+class Engine(Protocol):
+    """What a channel runs: `process_one()` does one frame's work if there is any (on the
+    models' thread) and says whether it did; results wait in the engine for the connection."""
+
+    def process_one(self) -> bool: ...
+
+
 @dataclass
-class ChatChannel:
-    """One websocket connection's duplex session. `notify` (thread-safe) tells the connection
-    that Moshi's frames are waiting in `loop.pop_output()`."""
+class Channel:
+    """One connection's engine. `notify` (thread-safe) tells the connection that results are
+    waiting (for a conversation: Moshi's frames in `engine.pop_output()`)."""
 
     id: int
-    loop: LiveLoop
+    engine: Engine
     notify: Callable[[], None]
+    kind: str = "chat"
     opened: float = field(default_factory=time.monotonic)
 
 
@@ -46,14 +55,18 @@ class WorkerStats:
 
 
 class ModelWorker:
-    """Runs on the model's thread (`run()`); the network thread calls `open_chat`, `push`,
-    `close` and `stop`, which only queue requests or append to thread-safe deques."""
+    """Runs on the models' thread (`run()`); the network thread calls `open_chat`, `open`,
+    `push`, `close` and `stop`, which only queue requests or append to thread-safe deques.
+    `model`: the conversation model (models.loading.LoadedModel) or None; `speech`: other
+    models by name (the SpeechToText, the TextToSpeech) for `open`'s factories."""
 
-    def __init__(self, model, gen_defaults: dict, max_lag_frames: int = 2, max_out_frames: int = 25):
-        self.model = model  # models.loading.LoadedModel
+    def __init__(self, model, gen_defaults: dict, max_lag_frames: int = 2, max_out_frames: int = 25,
+                 speech: dict | None = None):
+        self.model = model
+        self.speech = dict(speech or {})
         self.gen_defaults = dict(gen_defaults)
         self.max_lag_frames, self.max_out_frames = max_lag_frames, max_out_frames
-        self.channels: dict[int, ChatChannel] = {}
+        self.channels: dict[int, Channel] = {}
         self.stats = WorkerStats()
         self._requests: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -62,18 +75,29 @@ class ModelWorker:
 
     # -- network thread --------------------------------------------------------------------------
     def open_chat(self, gen_overrides: dict, notify: Callable[[], None]) -> concurrent.futures.Future:
-        """A future ChatChannel (its session is made on the model's thread)."""
+        """A future conversation Channel (its session is made on the models' thread)."""
+        def make() -> LiveLoop:
+            return LiveLoop(self._new_session(gen_overrides), max_lag_frames=self.max_lag_frames,
+                            max_out_frames=self.max_out_frames)
+        return self.open(make, notify, "chat")
+
+    def open(self, make: Callable[[], Engine], notify: Callable[[], None], kind: str) -> concurrent.futures.Future:
+        """A future Channel whose engine `make()` builds on the models' thread."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._requests.put(("open", (gen_overrides, notify), future))
+        self._requests.put(("open", (make, notify, kind), future))
         self._wake.set()
         return future
 
-    def push(self, channel: ChatChannel, pcm: np.ndarray) -> None:
-        """The user's audio (24 kHz float32, any length) for a channel."""
-        channel.loop.push_input(pcm)
+    def push(self, channel: Channel, pcm: np.ndarray) -> None:
+        """The user's audio (24 kHz float32, any length) for a conversation."""
+        channel.engine.push_input(pcm)
         self._wake.set()
 
-    def close(self, channel: ChatChannel) -> None:
+    def wake(self) -> None:
+        """New input for some engine (the engines' own methods queue it)."""
+        self._wake.set()
+
+    def close(self, channel: Channel) -> None:
         self._requests.put(("close", channel.id, None))
         self._wake.set()
 
@@ -94,12 +118,13 @@ class ModelWorker:
             self._handle_requests()
             worked = False
             for channel in list(self.channels.values()):
-                if channel.loop.process_one():
+                t0 = time.perf_counter()
+                if channel.engine.process_one():
                     worked = True
+                    ms = (time.perf_counter() - t0) * 1e3
                     stats = self.stats
                     stats.frames += 1
-                    stats.step_ms = channel.loop.step_ms if stats.frames == 1 else (
-                        0.9 * stats.step_ms + 0.1 * channel.loop.step_ms)
+                    stats.step_ms = ms if stats.frames == 1 else 0.9 * stats.step_ms + 0.1 * ms
                     channel.notify()
             if not worked:
                 self._wake.wait(0.01)
@@ -118,15 +143,14 @@ class ModelWorker:
             except queue.Empty:
                 return
             if kind == "open":
-                gen_overrides, notify = arg
+                make, notify, channel_kind = arg
                 try:
-                    loop = LiveLoop(self._new_session(gen_overrides), max_lag_frames=self.max_lag_frames,
-                                    max_out_frames=self.max_out_frames)
+                    engine = make()
                 except Exception as e:  # noqa: BLE001 - reported to the client that asked
                     future.set_exception(e)
                     continue
                 self._next_id += 1
-                channel = ChatChannel(self._next_id, loop, notify)
+                channel = Channel(self._next_id, engine, notify, channel_kind)
                 self.channels[channel.id] = channel
                 self.stats.sessions_opened += 1
                 if not future.set_running_or_notify_cancel():  # the client left while waiting
@@ -136,4 +160,4 @@ class ModelWorker:
                 future.set_result(channel)
             elif kind == "close" and (channel := self.channels.pop(arg, None)) is not None:
                 self.stats.sessions_closed += 1
-                self.stats.dropped_in += channel.loop.dropped_in
+                self.stats.dropped_in += getattr(channel.engine, "dropped_in", 0)
