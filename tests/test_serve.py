@@ -51,13 +51,13 @@ class Server:
             [sys.executable, "-m", "moshi_mlx", "serve", "--port", "0", "--no-browser", *map(str, args)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # printed once listening (after load and warm-up)
-        match = re.search(r"serving Moshi at (http://\S+)", line)
+        match = re.search(r"serving Moshi at (https?://\S+)", line)
         if match is None:
             self.proc.kill()
             raise AssertionError(f"no URL printed: {line!r} {self.proc.stderr.read()}")
         self.url = match.group(1)
         self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
-        self.base = f"ws://127.0.0.1:{self.port}"
+        self.base = f"{'wss' if self.url.startswith('https') else 'ws'}://127.0.0.1:{self.port}"
         self.ws = self.base + "/api/chat"
 
     def health(self) -> dict:
@@ -413,6 +413,33 @@ def test_port_in_use_is_refused_before_loading(server, serve_model_dir):
     proc = subprocess.run([sys.executable, "-m", "moshi_mlx", "serve", "--no-browser", "--model", str(serve_model_dir),
                            "--port", str(server.port)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "in use" in proc.stderr and "loading" not in proc.stderr, proc.stderr
+
+
+def test_https_with_ssl(serve_model_dir, tmp_path):
+    """--ssl DIR (cert.pem, key.pem): the page, health and the websocket over TLS."""
+    import ssl
+
+    import aiohttp
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")], check=True,
+                   capture_output=True)
+    s = Server("--model", serve_model_dir, "--ssl", tmp_path)
+    try:
+        assert s.url.startswith("https://")
+        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        with urllib.request.urlopen(s.url.replace("127.0.0.1", "localhost") + "api/health", context=context,
+                                    timeout=10) as r:
+            assert json.loads(r.read())["status"] == "ok"
+
+        async def hello():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"wss://localhost:{s.port}/api/chat", ssl=context) as ws:
+                    return (await ws.receive()).data
+
+        assert run(hello()) == P.message(P.HANDSHAKE)
+    finally:
+        interrupt(s.proc, 30)
 
 
 def test_ctrl_c_stops_the_server_with_a_client_connected(server):

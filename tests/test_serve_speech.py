@@ -333,3 +333,51 @@ def test_missing_service_is_a_clear_error(server):
 
     reply = run(go())
     assert reply[0] == 5 and b"no conversation model" in reply
+
+
+def test_tts_raw_and_ogg_formats_and_stt_ogg_input(server, speech):
+    """The formats the Unmute test does not use: raw float32 frames (the same samples as
+    PcmMessagePack), Ogg/Opus pages (decodable, as long), and Ogg/Opus input to the STT."""
+    import aiohttp
+    import sphn
+
+    text = "Good evening to you all."
+
+    async def tts(fmt: str) -> list[bytes]:
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"{server.base}/api/tts_streaming?format={fmt}&voice=v0&seed=3",
+                headers={"kyutai-api-key": KEY}) as ws:
+            assert msgpack.unpackb((await ws.receive()).data) == {"type": "Ready"}
+            await ws.send_str(text)  # a plain text frame, then the binary EOS
+            await ws.send_bytes(b"\0")
+            return [msg.data async for msg in ws if msg.type.name == "BINARY"]
+
+    packed = [msgpack.unpackb(m) for m in run(tts("PcmMessagePack"))]
+    want = np.concatenate([np.asarray(m["pcm"], np.float32) for m in packed if m["type"] == "Audio"])
+    raw = run(tts("Pcm"))
+    assert all(len(m) == 4 * FRAME for m in raw)
+    np.testing.assert_array_equal(np.frombuffer(b"".join(raw), np.float32), want)
+    pages = run(tts("OggOpus"))
+    reader = sphn.OpusStreamReader(24000)
+    heard = np.concatenate([reader.append_bytes(p) for p in pages])
+    assert len(heard) == len(want) and np.isfinite(heard).all()
+
+    async def stt_ogg() -> list[dict]:
+        writer = sphn.OpusStreamWriter(24000)
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+                f"{server.base}/api/asr-streaming?auth_id={KEY}") as ws:
+            assert msgpack.unpackb((await ws.receive()).data) == {"type": "Ready"}
+            for i in range(0, 25 * FRAME, FRAME):
+                await ws.send_bytes(pack({"type": "OggOpus", "data": bytes(writer.append_pcm(speech[i:i + FRAME]))}))
+            await ws.send_bytes(pack({"type": "Marker", "id": 1}))
+            got = []
+            async for msg in ws:
+                got.append(msgpack.unpackb(msg.data))
+                if got[-1]["type"] in ("Marker", "Error"):
+                    return got
+                await ws.send_bytes(pack({"type": "OggOpus", "data": bytes(writer.append_pcm(np.zeros(FRAME,
+                                                                                                      np.float32)))}))
+            return got
+
+    got = run(stt_ogg())
+    assert got[-1] == {"type": "Marker", "id": 1} and sum(m["type"] == "Step" for m in got) >= 25
