@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import json
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -51,18 +52,16 @@ def _service(request: web.Request, name: str, openai: bool = False):
 
 
 def _error(status: int, message: str, openai: bool = False) -> web.HTTPException:
-    kind = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 413: web.HTTPRequestEntityTooLarge,
-            503: web.HTTPServiceUnavailable}[status]
+    kind = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 503: web.HTTPServiceUnavailable}[status]
     body = ({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
             if openai else {"type": "Error", "message": message})
-    import json
-
     return kind(text=json.dumps(body), content_type="application/json")
 
 
-async def _run(worker, service, make, on_output=None) -> object:
-    """Opens a channel for `make()`'s engine, calls `on_output(engine)` whenever it has results,
-    until the engine has finished; returns the engine. The channel is closed however it ends."""
+async def _run(worker, service, make, on_output=None, opened: asyncio.Future | None = None) -> object:
+    """Opens a channel for `make()`'s engine (`opened` gets the engine once it exists), calls
+    `on_output(engine)` whenever it has results, until the engine has finished; returns the
+    engine. The channel is closed however it ends."""
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     future = worker.open(make, lambda: loop.call_soon_threadsafe(ready.set), service.name)
@@ -71,6 +70,8 @@ async def _run(worker, service, make, on_output=None) -> object:
     except asyncio.CancelledError:
         future.cancel()
         raise
+    if opened is not None:
+        opened.set_result(channel.engine)
     try:
         while True:
             await ready.wait()
@@ -83,13 +84,18 @@ async def _run(worker, service, make, on_output=None) -> object:
         worker.close(channel)
 
 
-async def _started(runner: asyncio.Task, engine_box: dict):
-    """The engine `runner` (a `_run`) made, once the models' thread has made it."""
-    while "engine" not in engine_box and not runner.done():
-        await asyncio.sleep(0.001)
-    if runner.done():
+async def _start(worker, service, make, on_output) -> tuple[asyncio.Task, object]:
+    """A `_run` as a task, and its engine once the models' thread has made it."""
+    opened = asyncio.get_running_loop().create_future()
+    runner = asyncio.create_task(_run(worker, service, make, on_output, opened))
+    try:
+        await asyncio.wait({runner, opened}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the client left while the session was being made
+        runner.cancel()
+        raise
+    if not opened.done():
         runner.result()  # the engine could not be made: its error
-    return engine_box["engine"]
+    return runner, opened.result()
 
 
 class _Slot:
@@ -141,11 +147,6 @@ async def _asr_session(ws: web.WebSocketResponse, state, service) -> None:
     import sphn
 
     worker, max_bytes = state.worker, 8 * state.config.max_message_bytes  # 512 KiB: 27 s of Audio.pcm
-    engine_box: dict = {}
-
-    def make():
-        engine_box["engine"] = SttEngine(service.model)
-        return engine_box["engine"]
 
     async def send(engine) -> None:
         while engine.out:
@@ -155,9 +156,8 @@ async def _asr_session(ws: web.WebSocketResponse, state, service) -> None:
             await ws.send_bytes(pack(message))
 
     opus = None
-    runner = asyncio.create_task(_run(worker, service, make, send))
+    runner, engine = await _start(worker, service, lambda: SttEngine(service.model), send)
     try:
-        engine = await _started(runner, engine_box)
         await ws.send_bytes(pack({"type": "Ready"}))
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
@@ -275,12 +275,10 @@ async def _tts_session(ws, state, service, fmt: str, voice, settings: dict) -> N
         voice_latents = tts.voice(voice)
     except Exception as e:  # noqa: BLE001 - InputError: unknown voice, bad cfg
         raise ClientError(str(e).splitlines()[0]) from None
-    engine_box: dict = {}
     opus = sphn.OpusStreamWriter(RATE) if fmt.startswith("OggOpus") else None
 
     def make():
-        engine_box["engine"] = TtsEngine(tts, voice_latents, settings["cfg"], settings["temp"], settings.get("seed"))
-        return engine_box["engine"]
+        return TtsEngine(tts, voice_latents, settings["cfg"], settings["temp"], settings.get("seed"))
 
     async def send(engine) -> None:
         while engine.out:
@@ -299,10 +297,9 @@ async def _tts_session(ws, state, service, fmt: str, voice, settings: dict) -> N
             elif item[0] == "word" and fmt.endswith("MessagePack"):
                 await ws.send_bytes(pack({"type": "Text", "text": item[1], "start_s": item[2], "stop_s": item[3]}))
 
-    runner = asyncio.create_task(_run(state.worker, service, make, send))
+    runner, engine = await _start(state.worker, service, make, send)
     receiver = None
     try:
-        engine = await _started(runner, engine_box)
         await ws.send_bytes(pack({"type": "Ready"}))
 
         async def receive() -> None:

@@ -42,10 +42,11 @@ def check_duplex_config(config: dict, source: str = "config.json") -> None:
     (`config`: the LM config of checkpoints.lm.read), naming the command that fits it."""
     kind = config.get("model_type") or "moshi"
     if kind in ("stt", "tts") or not config.get("dep_q", 8):
-        fits = {"stt": "transcribe", "tts": "tts"}.get(kind)
+        fits = {"stt": "`moshi-mlx transcribe` (moshi_mlx.SpeechToText)",
+                "tts": "`moshi-mlx tts` (moshi_mlx.TextToSpeech)"}.get(kind)
         raise InputError(f"{source}: this is a {kind!r} model (dep_q = {config.get('dep_q', 8)}), not a Moshi "
                          "speech-to-speech one: a conversation needs e.g. kyutai/moshiko-mlx-q4"
-                         + (f"; use `moshi-mlx {fits}` with it" if fits else ""))
+                         + (f"; use {fits} with it" if fits else ""))
 
 
 class DuplexSession:
