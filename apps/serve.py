@@ -19,9 +19,11 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="talk to Moshi in the browser (Kyutai's websocket protocol, our web page)",
+    p = sub.add_parser("serve", help="talk to Moshi in the browser; STT/TTS services for voice agents",
                        description="Serve Moshi to the browser: our page at /, Kyutai's duplex websocket protocol at "
-                                   "/api/chat (Kyutai's clients work unchanged), /api/health.")
+                                   "/api/chat (Kyutai's clients work unchanged), /api/health. With --stt/--tts, also "
+                                   "speech services as Kyutai's moshi-server (/api/asr-streaming, /api/tts_streaming) "
+                                   "and OpenAI (/v1/audio/transcriptions, /v1/audio/speech).")
     p.add_argument("--model", "--chat", dest="model", default=None,
                    help="the conversation model (/, /api/chat): converted directory, Kyutai checkpoint directory "
                         f"or repo id (default {DEFAULT_MODEL} unless only --stt/--tts are given)")
@@ -34,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "query parameter or Authorization: Bearer); repeatable; required off 127.0.0.1")
     p.add_argument("--voice-dir", type=Path, default=None,
                    help="TTS voices by name from this directory first (NAME.safetensors), then kyutai/tts-voices")
-    p.add_argument("--tts-cfg", type=float, default=2.0, help="TTS CFG strength (default 2.0; cfg_alpha= per client)")
+    p.add_argument("--tts-cfg", type=check.number, default=2.0, help="TTS CFG strength (default 2.0; cfg_alpha= per client)")
     p.add_argument("--tts-temp", type=check.temperature, default=0.6, help="TTS temperature (default 0.6)")
     p.add_argument("-q", "--quantize", type=int, choices=[4, 8], default=None,
                    help="quantize a full-precision checkpoint while loading")

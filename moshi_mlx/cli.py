@@ -22,7 +22,7 @@ SUBCOMMANDS = {
     "chat": ("moshi_mlx.apps.chat", "talk with Moshi: microphone and speakers, or a recording"),
     "transcribe": ("moshi_mlx.apps.transcribe", "speech to text (Kyutai STT): audio files or the microphone"),
     "tts": ("moshi_mlx.apps.tts", "text to speech (Kyutai TTS): text or dialogs → audio, word timings"),
-    "serve": ("moshi_mlx.apps.serve", "talk to Moshi in the browser: local web page + Kyutai's websocket protocol"),
+    "serve": ("moshi_mlx.apps.serve", "talk to Moshi in the browser; STT/TTS services for voice agents"),
 }
 
 
