@@ -225,8 +225,7 @@ class TtsEngine:
 
     def _words(self) -> None:
         """Words whose end is known (the next word has started, or the text ended)."""
-        words = self.stream.speech(0).words if self.stream.items[0].state.transcript else []
-        for w in words[self.words_sent:]:
+        for w in self.stream.words(0, start=self.words_sent):
             if w.end is None and not self.stream.done:
                 break
             self.out.append(("word", w.text, float(w.start), float(w.end if w.end is not None else w.start)))

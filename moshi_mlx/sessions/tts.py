@@ -20,6 +20,7 @@ are there (see StateMachine.ready), so the output is the same as with the whole 
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -230,6 +231,11 @@ class TtsStream:
             if pcm is not None:
                 yield pcm
 
+    def words(self, item: int = 0, start: int = 0) -> list[Word]:
+        """Item `item`'s words from the `start`-th on, as far as decided (the last one's end is
+        None until the next word starts or the text ends). Cheap: no audio is gathered."""
+        return _words(self.items[item].state, start)
+
     def speech(self, item: int = 0) -> Speech:
         """What item `item` has produced so far."""
         it = self.items[item]
@@ -241,13 +247,13 @@ class TtsStream:
         return Speech(pcm.astype(np.float32), self.tts.sample_rate, codes, _words(it.state), it.state.end_step)
 
 
-def _words(state: MachineState) -> list[Word]:
-    """Each word from the step it was consumed to the next entry's (or the end)."""
-    steps = state.consumption_times + ([state.end_step] if state.end_step is not None else [])
+def _words(state: MachineState, start: int = 0) -> list[Word]:
+    """Words `start`… , each from the step it was consumed to the next entry's (or the end)."""
+    steps = state.consumption_times + ([state.end_step] if state.end_step is not None else [])  # increasing
     words = []
-    for text, step in state.transcript:
-        later = [s for s in steps if s > step]
-        words.append(Word(text, step / FRAME_RATE, later[0] / FRAME_RATE if later else None))
+    for text, step in state.transcript[start:]:
+        i = bisect.bisect_right(steps, step)
+        words.append(Word(text, step / FRAME_RATE, steps[i] / FRAME_RATE if i < len(steps) else None))
     return words
 
 
