@@ -5,4 +5,6 @@
   which is why this package imports nothing at import time.
 - `kernels.py`: the facade over the compiled kernels (`_kernels.c`); every call returns an
   `mx.array`, or None for "use MLX's own op", so Metal runs plain MLX.
+- `host.py`: one-position steps of quantized depformer-shaped transformers on the host
+  (numpy + the kernels, no MLX evaluation between products); `applies()` says when.
 """

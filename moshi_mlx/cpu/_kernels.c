@@ -30,6 +30,7 @@
 #define HAVE_KERNEL 1
 #include <immintrin.h>
 #include <pthread.h>
+#include <time.h>
 #else
 #define HAVE_KERNEL 0
 #endif
@@ -84,33 +85,35 @@ TARGET static inline float bias_term(const void *biases, long off, const float *
     return s;
 }
 
-/* Rows n0..n1 of y = x · dequant(w)^T. M is a compile-time constant in each instance (see
-   run_job), so the per-row accumulators live in registers. Two partial sums per row halve
-   the FMA dependency chains. */
-TARGET static inline __attribute__((always_inline)) void run_rows(const Job *j, const int M) {
-    const int K = j->K, G = K / j->group, row_bytes = K * j->bits / 8;
-    const int blocks_per_group = j->group / 32;
+/* Rows n0..n1 of y = x · dequant(w)^T. M, BITS and BPG (32-blocks per group) are
+   compile-time constants in each instance (see run_job), so the per-row accumulators live in
+   registers and the inner loops unroll. Each group's partial sums (ta, tb) are scaled into
+   one of two accumulators, even groups into one and odd groups into the other: one chain
+   would wait on the FMA latency once per group. */
+TARGET static inline __attribute__((always_inline)) void run_rows(const Job *j, const int M, const int BITS,
+                                                                  const int BPG) {
+    const int K = j->K, G = K / (BPG * 32), row_bytes = K * BITS / 8;
+    const __m256i mask = _mm256_set1_epi32(0x0F);
     for (int n = j->n0; n < j->n1; n++) {
         const uint8_t *wr = j->w + (long)n * row_bytes;
-        __m256 acc[MAX_ROWS];
-        for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+        __m256 acc0[MAX_ROWS], acc1[MAX_ROWS];
+        for (int m = 0; m < M; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
         for (int g = 0; g < G; g++) {
             __m256 ta[MAX_ROWS], tb[MAX_ROWS];
             for (int m = 0; m < M; m++) ta[m] = tb[m] = _mm256_setzero_ps();
-            for (int b = 0; b < blocks_per_group; b++) {
-                const int i0 = g * j->group + b * 32; /* first element of this 32-block */
+            for (int b = 0; b < BPG; b++) {
+                const int i0 = (g * BPG + b) * 32; /* first element of this 32-block */
                 __m256 w0, w1, w2, w3;
-                if (j->bits == 4) {
+                if (BITS == 4) {
                     /* 16 bytes = 32 nibbles; byte i holds elements 2i (low) and 2i+1 (high).
                        Each half is widened to one byte per 32-bit lane straight from memory,
                        then split into nibbles there: 2 shuffles per 32 weights, not 6. */
-                    const __m256i mask = _mm256_set1_epi32(0x0F);
                     __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i0 / 2)));
-                    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i0 / 2 + 8)));
+                    __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr + i0 / 2 + 8)));
                     w0 = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));    /* elements 0, 2, …, 14 */
-                    w1 = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));    /* 16, 18, …, 30 */
+                    w1 = _mm256_cvtepi32_ps(_mm256_and_si256(c, mask));    /* 16, 18, …, 30 */
                     w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));      /* 1, 3, …, 15 */
-                    w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));      /* 17, 19, …, 31 */
+                    w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));      /* 17, 19, …, 31 */
                 } else { /* 8 bits: byte i is element i */
                     const uint8_t *p = wr + i0;
                     w0 = u8_to_ps(_mm_loadl_epi64((const __m128i *)p));
@@ -127,18 +130,21 @@ TARGET static inline __attribute__((always_inline)) void run_rows(const Job *j, 
                 }
             }
             const __m256 scale = _mm256_set1_ps(scalar_at(j->scales, (long)n * G + g, j->bf16));
-            for (int m = 0; m < M; m++) acc[m] = _mm256_fmadd_ps(_mm256_add_ps(ta[m], tb[m]), scale, acc[m]);
+            if (g & 1)
+                for (int m = 0; m < M; m++) acc1[m] = _mm256_fmadd_ps(_mm256_add_ps(ta[m], tb[m]), scale, acc1[m]);
+            else
+                for (int m = 0; m < M; m++) acc0[m] = _mm256_fmadd_ps(_mm256_add_ps(ta[m], tb[m]), scale, acc0[m]);
         }
         for (int m = 0; m < M; m++)
-            j->y[(long)m * j->N + n] = hsum(acc[m]) + bias_term(j->biases, (long)n * G, j->xsum + (long)m * G, G,
-                                                                 j->bf16);
+            j->y[(long)m * j->N + n] = hsum(_mm256_add_ps(acc0[m], acc1[m]))
+                                       + bias_term(j->biases, (long)n * G, j->xsum + (long)m * G, G, j->bf16);
     }
 }
 
-/* More than 4 rows at once would not fit the 16 AVX2 registers (3 accumulators per row plus
-   the decoded weights) and spill to the stack, 3x slower than two passes of 4 rows that each
-   decode the weights again. Every row's arithmetic is the same in any pass, so a batch gives
-   each row exactly what it gives alone. */
+/* Rows run in passes of at most 4, each decoding the weights again: with 4 accumulators per
+   row, more rows at once spill to the stack (8 rows took 3x as long as two passes of 4); 2 rows
+   per pass measured slower than 4 for batches of 8. Every row's arithmetic is the same in any
+   pass, so a batch gives each row exactly what it gives alone. */
 #define ROWS_PER_PASS 4
 
 TARGET static void run_job(const Job *j) {
@@ -149,12 +155,18 @@ TARGET static void run_job(const Job *j) {
         pass.xsum = j->xsum + (long)m0 * G;
         pass.y = j->y + (long)m0 * j->N;
         pass.M = j->M - m0 < ROWS_PER_PASS ? j->M - m0 : ROWS_PER_PASS;
-        switch (pass.M) {
-        case 1: run_rows(&pass, 1); break;
-        case 2: run_rows(&pass, 2); break;
-        case 3: run_rows(&pass, 3); break;
-        default: run_rows(&pass, 4); break;
+        const int bpg = j->group / 32;
+#define ROWS_FOR(B, P) switch (pass.M) { \
+        case 1: run_rows(&pass, 1, B, P); break; \
+        case 2: run_rows(&pass, 2, B, P); break; \
+        case 3: run_rows(&pass, 3, B, P); break; \
+        default: run_rows(&pass, 4, B, P); break; }
+        if (j->bits == 4) {
+            if (bpg == 1) ROWS_FOR(4, 1) else if (bpg == 2) ROWS_FOR(4, 2) else ROWS_FOR(4, 4)
+        } else {
+            if (bpg == 1) ROWS_FOR(8, 1) else if (bpg == 2) ROWS_FOR(8, 2) else ROWS_FOR(8, 4)
         }
+#undef ROWS_FOR
     }
 }
 
@@ -165,39 +177,84 @@ static void *thread_main(void *arg) {
 
 /* A pool of worker threads, started on first use and kept: a product of a few million weights
    takes 0.1-0.3 ms, and starting and joining a thread per call cost about as much again (the
-   TTS's depformer makes ~550 such calls per 80 ms frame). Workers sleep on a condition
-   variable between calls. One parallel call at a time (pool_call); a fork waits for the call in
-   progress and the child starts with no workers (its copies of the threads do not exist). */
+   TTS's depformer makes ~550 such calls per 80 ms frame). Workers sleep on a condition variable
+   between calls, but waking a sleeping thread costs tens of microseconds (more in a virtual
+   machine, where it takes an interrupt between cores): as long as a small product itself. So
+   a caller that knows the next call follows within microseconds (a layer step run on the
+   host, see cpu/host.py) asks the workers to spin for it first (spin_ns); callers between
+   MLX operations do not, as a spinning worker would take a core from MLX's own threads. The
+   caller spins while it waits for the workers (they run its own call), then sleeps. One
+   parallel call at a time (pool_call); a fork waits for the call in progress and the child
+   starts with no workers (its copies of the threads do not exist). */
 typedef struct {
     void *(*fn)(void *);
     char *jobs;
     size_t size;
     int n;
+    long spin_ns; /* how long workers spin for the next call after this one */
 } PoolTask;
+
+#define WAIT_SPIN_NS 200000L /* the caller, waiting for workers running its own call */
 
 static pthread_mutex_t pool_call = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
 static PoolTask pool_task;
-static unsigned long pool_generation;
+static unsigned long pool_generation; /* written under pool_mu, read atomically by spinners */
 static unsigned long pool_seen_at_start[MAX_THREADS];
-static int pool_remaining;
+static int pool_remaining;            /* workers still running the current call (atomic) */
 static int pool_workers; /* started workers, ids 1..pool_workers */
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+
+/* Spin until *p != value (returns 1) or spin_ns pass (returns 0). */
+static int spin_while_equal_ul(const unsigned long *p, unsigned long value, long spin_ns) {
+    long t0 = spin_ns > 0 ? now_ns() : 0;
+    for (int i = 0;; i++) {
+        if (__atomic_load_n(p, __ATOMIC_ACQUIRE) != value) return 1;
+        if (spin_ns <= 0) return 0;
+        cpu_relax();
+        if ((i & 63) == 63 && now_ns() - t0 > spin_ns) return 0;
+    }
+}
+
+static int spin_while_positive(const int *p) {
+    long t0 = now_ns();
+    for (int i = 0;; i++) {
+        if (__atomic_load_n(p, __ATOMIC_ACQUIRE) <= 0) return 1;
+        cpu_relax();
+        if ((i & 63) == 63 && now_ns() - t0 > WAIT_SPIN_NS) return 0;
+    }
+}
 
 static void *pool_main(void *arg) {
     int id = (int)(intptr_t)arg;
-    pthread_mutex_lock(&pool_mu);
     unsigned long seen = pool_seen_at_start[id];
+    long spin_ns = 0;
     for (;;) {
-        while (pool_generation == seen) pthread_cond_wait(&pool_wake, &pool_mu);
-        seen = pool_generation;
-        PoolTask t = pool_task;
-        if (id < t.n) {
-            pthread_mutex_unlock(&pool_mu);
-            t.fn(t.jobs + (size_t)id * t.size);
+        if (!spin_while_equal_ul(&pool_generation, seen, spin_ns)) {
             pthread_mutex_lock(&pool_mu);
-            if (--pool_remaining == 0) pthread_cond_signal(&pool_done);
+            while (__atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE) == seen)
+                pthread_cond_wait(&pool_wake, &pool_mu);
+            pthread_mutex_unlock(&pool_mu);
+        }
+        seen = __atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE);
+        PoolTask t = pool_task; /* published before the generation (release/acquire) */
+        spin_ns = t.spin_ns;
+        if (id < t.n) {
+            t.fn(t.jobs + (size_t)id * t.size);
+            if (__atomic_sub_fetch(&pool_remaining, 1, __ATOMIC_ACQ_REL) == 0) {
+                pthread_mutex_lock(&pool_mu); /* the caller may be between its check and its wait */
+                pthread_cond_signal(&pool_done);
+                pthread_mutex_unlock(&pool_mu);
+            }
         }
     }
     return NULL;
@@ -217,7 +274,7 @@ static void pool_after_fork_child(void) {
 
 /* Run jobs[0..n) (each `size` bytes): jobs 1… on the pool's workers, job 0 on this thread. If
    the workers cannot be started, all jobs run here, one after the other. */
-static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int n) {
+static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int n, long spin_ns) {
     if (n <= 1) {
         fn(jobs);
         return;
@@ -238,15 +295,17 @@ static void run_parallel(void *(*fn)(void *), void *jobs, size_t size, int n) {
         pthread_mutex_unlock(&pool_call);
         return;
     }
-    pool_task = (PoolTask){fn, jobs, size, n};
-    pool_remaining = n - 1;
-    pool_generation++;
+    pool_task = (PoolTask){fn, jobs, size, n, spin_ns};
+    __atomic_store_n(&pool_remaining, n - 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool_generation, pool_generation + 1, __ATOMIC_RELEASE);
     pthread_cond_broadcast(&pool_wake);
     pthread_mutex_unlock(&pool_mu);
     fn(jobs);
-    pthread_mutex_lock(&pool_mu);
-    while (pool_remaining > 0) pthread_cond_wait(&pool_done, &pool_mu);
-    pthread_mutex_unlock(&pool_mu);
+    if (!spin_while_positive(&pool_remaining)) {
+        pthread_mutex_lock(&pool_mu);
+        while (__atomic_load_n(&pool_remaining, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&pool_done, &pool_mu);
+        pthread_mutex_unlock(&pool_mu);
+    }
     pthread_mutex_unlock(&pool_call);
 }
 
@@ -684,9 +743,9 @@ static int get_buffers(const char *fn, PyObject *const *objs, const char *const 
 /* quantized_matmul(x, w, scales, biases, out, M, N, K, bits, group, bf16, threads) */
 static PyObject *quantized_matmul(PyObject *self, PyObject *args) {
     PyObject *ox, *ow, *os, *ob, *oy;
-    int M, N, K, bits, group, bf16, threads;
-    if (!PyArg_ParseTuple(args, "OOOOOiiiiiii", &ox, &ow, &os, &ob, &oy, &M, &N, &K, &bits, &group, &bf16,
-                          &threads))
+    int M, N, K, bits, group, bf16, threads, spin_us = 0;
+    if (!PyArg_ParseTuple(args, "OOOOOiiiiiii|i", &ox, &ow, &os, &ob, &oy, &M, &N, &K, &bits, &group, &bf16,
+                          &threads, &spin_us))
         return NULL;
 #if !HAVE_KERNEL
     PyErr_SetString(PyExc_RuntimeError, "quantized_matmul: not available on this platform");
@@ -725,7 +784,7 @@ static PyObject *quantized_matmul(PyObject *self, PyObject *args) {
         jobs[t] = (Job){xp, xsum, b[1].buf, b[2].buf, b[3].buf, b[4].buf, M, N, K, bits, group, bf16,
                         (int)((long)N * t / threads), (int)((long)N * (t + 1) / threads)};
     Py_BEGIN_ALLOW_THREADS
-    run_parallel(thread_main, jobs, sizeof(Job), threads);
+    run_parallel(thread_main, jobs, sizeof(Job), threads, 1000L * spin_us);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(xp);
     result = Py_NewRef(Py_None);
@@ -767,7 +826,7 @@ static PyObject *attend_int8(PyObject *self, PyObject *args) {
         jobs[t] = (AttnJob){b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, out, S, n, Dh, BH * t / threads,
                             BH * (t + 1) / threads, scale, 0};
     Py_BEGIN_ALLOW_THREADS
-    run_parallel(attn_thread_main, jobs, sizeof(AttnJob), threads);
+    run_parallel(attn_thread_main, jobs, sizeof(AttnJob), threads, 0);
     Py_END_ALLOW_THREADS
     int failed = 0;
     for (int t = 0; t < threads; t++) failed |= jobs[t].failed;
@@ -800,7 +859,7 @@ static int run_conv(ConvJob proto, long rows, long flops, int threads) {
         jobs[t].ob1 = split_rows ? blocks : blocks * (t + 1) / threads;
     }
     Py_BEGIN_ALLOW_THREADS
-    run_parallel(conv_thread_main, jobs, sizeof(ConvJob), threads);
+    run_parallel(conv_thread_main, jobs, sizeof(ConvJob), threads, 0);
     Py_END_ALLOW_THREADS
     int failed = 0;
     for (int t = 0; t < threads; t++) failed |= jobs[t].failed;

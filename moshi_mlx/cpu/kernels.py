@@ -56,12 +56,24 @@ def _applies(x: mx.array) -> bool:
     return x.dtype == mx.float32 and mx.default_device() == mx.cpu and _module() is not None
 
 
-def _run(fn, arrays: list, out_shape: tuple[int, ...], *sizes) -> mx.array:
-    """Run a kernel on evaluated, contiguous inputs (None passes through) into a new float32
-    array. The kernels read MLX's buffers in place, so this is a synchronisation point:
-    cheap next to the work each call does."""
-    arrays = [mx.contiguous(a) if isinstance(a, mx.array) else a for a in arrays]
+def _evaluated(arrays: list) -> list:
+    """The arrays evaluated and C-contiguous, as the kernels read MLX's buffers in place: a
+    synchronisation point. Evaluating an array that already is costs nothing, while wrapping
+    it in mx.contiguous would make a new one to evaluate (a round trip to MLX's scheduler
+    thread, ~0.1 ms), so that is done only for arrays that are not contiguous."""
     mx.eval(*(a for a in arrays if isinstance(a, mx.array)))
+    out = []
+    for a in arrays:
+        if isinstance(a, mx.array) and not memoryview(a).c_contiguous:
+            a = mx.contiguous(a)
+            mx.eval(a)
+        out.append(a)
+    return out
+
+
+def _run(fn, arrays: list, out_shape: tuple[int, ...], *sizes) -> mx.array:
+    """Run a kernel on inputs (None passes through) into a new float32 array."""
+    arrays = _evaluated(arrays)
     out = np.empty(out_shape, np.float32)
     fn(*arrays, out, *sizes, threads())
     return mx.array(out)
@@ -81,6 +93,35 @@ def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx
     y = _run(_module().quantized_matmul, [x.reshape(rows, K), weight, scales, biases], (rows, N),
              rows, N, K, bits, group_size, int(scales.dtype == mx.bfloat16))
     return y.reshape(*x.shape[:-1], N)
+
+
+def quantized_matmul_host(x: np.ndarray, weight: mx.array, scales: mx.array, biases: mx.array, bits: int,
+                          group_size: int, spin: bool = False) -> np.ndarray:
+    """The same product for x [rows, K] float32 in host memory, any number of rows (in
+    passes of QMATMUL_MAX_ROWS: each row's arithmetic is the same in any pass), into host
+    memory: no MLX evaluation (the weights are parameters, already evaluated). spin: the
+    caller makes its next product within microseconds (see cpu/host.py), so the kernel's
+    worker threads wait for it awake. Only where `host_products_apply`."""
+    rows, K = x.shape
+    N = weight.shape[0]
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty((rows, N), np.float32)
+    bf16 = int(scales.dtype == mx.bfloat16)
+    spin_us = SPIN_US if spin else 0
+    for r in range(0, rows, QMATMUL_MAX_ROWS):
+        n = min(QMATMUL_MAX_ROWS, rows - r)
+        _module().quantized_matmul(x[r:r + n], weight, scales, biases, out[r:r + n], n, N, K, bits, group_size,
+                                   bf16, threads(), spin_us)
+    return out
+
+
+SPIN_US = 200  # how long the kernel's workers wait awake for a host step's next product
+
+
+def host_products_apply(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> bool:
+    """Whether quantized_matmul_host can run this quantized weight."""
+    return (mx.default_device() == mx.cpu and _module() is not None and bits in (4, 8) and group_size % 32 == 0
+            and scales.dtype in (mx.bfloat16, mx.float32) and biases.dtype == scales.dtype)
 
 
 # -- attention over an int8 KV cache ------------------------------------------------------------

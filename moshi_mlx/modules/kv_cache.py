@@ -31,14 +31,19 @@ class KVCache:
 
     GROW = 256  # steps added at a time
 
-    def __init__(self, capacity: int, bits: int | None = None):
+    def __init__(self, capacity: int, bits: int | None = None, host: bool = False):
         if bits not in (None, 8):
             raise ValueError(f"KV cache bits must be None (compute dtype) or 8, got {bits}")
+        if host and bits:
+            raise ValueError("a host KV cache holds float32 (bits=None)")
         self.capacity = capacity
         self.bits = bits
+        # host=True: numpy buffers, for layer steps run on the host (cpu/host.py); update()
+        # and fetch() still work, converting, so either path can extend the cache.
+        self.host = host
         # [B, H, slots, Dh] (int8 when bits=8), and the int8 scales [B, H, slots, 1]
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.keys: mx.array | np.ndarray | None = None
+        self.values: mx.array | np.ndarray | None = None
         self.key_scales: mx.array | None = None
         self.value_scales: mx.array | None = None
         self.offset = 0  # steps written since the last reset
@@ -55,8 +60,29 @@ class KVCache:
     def _buffers(self) -> list[str]:
         return ["keys", "values"] + (["key_scales", "value_scales"] if self.bits else [])
 
+    def update_host(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Write one step k, v [B, H, Dh] (numpy) into a host cache's ring."""
+        if self.keys is None:
+            B, H, Dh = k.shape
+            self.keys = np.zeros((B, H, self.capacity, Dh), np.float32)
+            self.values = np.zeros((B, H, self.capacity, Dh), np.float32)
+        slot = self.offset % self.capacity
+        self.keys[:, :, slot] = k
+        self.values[:, :, slot] = v
+        self.offset += 1
+
+    def host_view(self) -> tuple[np.ndarray, np.ndarray]:
+        """A host cache's written slots [B, H, n, Dh] (slot order, see `positions`)."""
+        n = self.valid
+        return self.keys[:, :, :n], self.values[:, :, :n]
+
     def update(self, k: mx.array, v: mx.array) -> None:
         """Write k, v [B, H, T, Dh] into the ring."""
+        if self.host:
+            k, v = np.array(k.astype(mx.float32)), np.array(v.astype(mx.float32))
+            for t in range(k.shape[2]):
+                self.update_host(k[:, :, t], v[:, :, t])
+            return
         B, H, T, Dh = k.shape
         cap = self.capacity
         if T > cap:
@@ -87,6 +113,8 @@ class KVCache:
     def fetch(self) -> tuple[mx.array, mx.array]:
         """The cached keys and values (in the written slots), ordered as `positions()`."""
         n = self.valid
+        if self.host:
+            return tuple(mx.array(a) for a in self.host_view())
         k, v = self.keys[:, :, :n], self.values[:, :, :n]
         if self.bits:
             k = k.astype(mx.float32) * self.key_scales[:, :, :n]

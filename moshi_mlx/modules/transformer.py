@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cpu import host as cpu_host
 from ..cpu import kernels as cpu
 from .activations import gelu, softmax
 from .kv_cache import KVCache
@@ -292,6 +293,7 @@ class TransformerState:
     ring_step: int | None = None  # see _attention_mask
     cross_kv: list[tuple[mx.array, mx.array]] | None = None  # per layer, from the conditioning source
     cross_mask: mx.array | None = None  # [B, S]: the source positions each item attends to (None: all)
+    host: bool = False  # one-position steps run on the host (cpu/host.py), over host caches
 
 
 class Transformer(nn.Module):
@@ -370,13 +372,18 @@ class Transformer(nn.Module):
                 raise ValueError("streaming needs a finite attention context or a cache capacity")
             capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
         bits = self._cache_bits(capacity, kv_bits)
-        return TransformerState([KVCache(capacity, bits) for _ in self.layers], max_chunk=exact_chunk or capacity,
-                                ring_step=ring_step if exact_chunk else None, cross_kv=self.source_kv(cross_source),
-                                cross_mask=cross_mask)
+        host = bits is None and exact_chunk is None and cpu_host.applies(self)
+        return TransformerState([KVCache(capacity, bits, host=host) for _ in self.layers],
+                                max_chunk=exact_chunk or capacity, ring_step=ring_step if exact_chunk else None,
+                                cross_kv=self.source_kv(cross_source), cross_mask=cross_mask, host=host)
 
     def step(self, x: mx.array, state: TransformerState) -> tuple[mx.array, TransformerState]:
         """x [B, T, D] after `state` → (y, state); the caches are updated in place."""
         T = x.shape[1]
+        if state.host:  # see cpu/host.py: no context, no positions, so step by step is the same
+            outs = [cpu_host.step(self, x[:, t:t + 1], state.caches, state.offset + t) for t in range(T)]
+            state.offset += T
+            return (outs[0] if T == 1 else mx.concatenate(outs, axis=1)), state
         if T > state.max_chunk:
             outs = [self.step(x[:, i:i + state.max_chunk], state)[0] for i in range(0, T, state.max_chunk)]
             return mx.concatenate(outs, axis=1), state

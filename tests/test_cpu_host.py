@@ -1,0 +1,111 @@
+"""The depformer's host steps (moshi_mlx/cpu/host.py) against the MLX path they replace."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from moshi_mlx.cpu import host, kernels
+from moshi_mlx.models.lm import LmConfig, LMModel
+from moshi_mlx.modules.kv_cache import KVCache
+from moshi_mlx.quantize import QuantizationSpec, quantize_model
+
+pytestmark = pytest.mark.skipif(not kernels.kernels_available(), reason="the CPU kernels are not built here")
+
+# The TTS's depformer in miniature: per-step weights with a schedule, low-rank embeddings.
+TTS_LIKE = dict(dim=64, num_heads=2, num_layers=1, text_card=50, card=64, n_q=8, dep_q=8, context=20,
+                hidden_scale=4.125, depformer_dim=64, depformer_num_heads=2, depformer_num_layers=2,
+                depformer_dim_feedforward=192, depformer_multi_linear=True, depformer_weights_per_step=True,
+                depformer_weights_per_step_schedule=[0, 1, 2, 2, 3, 3, 3, 3], depformer_low_rank_embeddings=32,
+                delays=[0] * 9)
+# Moshi's: one weight set per step, plain embeddings.
+MOSHI_LIKE = dict(dim=64, num_heads=2, num_layers=1, text_card=50, card=64, n_q=8, dep_q=4, context=20,
+                  hidden_scale=4.125, depformer_dim=64, depformer_num_heads=2, depformer_num_layers=2,
+                  depformer_dim_feedforward=192, depformer_multi_linear=True, depformer_weights_per_step=True,
+                  delays=[0] * 9)
+
+
+def _model(kwargs: dict, bits: int | None) -> LMModel:
+    mx.random.seed(3)
+    lm = LMModel(LmConfig(**kwargs))
+    if bits:
+        quantize_model(lm, QuantizationSpec.make(bits))
+    mx.eval(lm.parameters())
+    return lm
+
+
+def _depformer_outputs(lm: LMModel, xs: mx.array) -> tuple[np.ndarray, bool]:
+    """Each codebook step's depformer output for inputs xs [B, dep_q, D], one frame."""
+    state = lm.init_depformer_state()
+    outs = [lm.depformer.step(xs[:, cb:cb + 1], state)[0] for cb in range(xs.shape[1])]
+    return np.array(mx.concatenate(outs, axis=1)), state.host
+
+
+@pytest.mark.parametrize("kwargs", [TTS_LIKE, MOSHI_LIKE], ids=["tts-like", "moshi-like"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_host_depformer_steps_match_the_mlx_path(kwargs, bits, monkeypatch):
+    lm = _model(kwargs, bits)
+    xs = mx.random.normal((2, kwargs["dep_q"], kwargs["depformer_dim"]))
+    ours, used = _depformer_outputs(lm, xs)
+    assert used, "a quantized depformer on the CPU backend should step on the host"
+    monkeypatch.setattr(host, "applies", lambda transformer: False)
+    mlx_path, used = _depformer_outputs(lm, xs)
+    assert not used
+    err = np.abs(ours - mlx_path).max() / np.abs(mlx_path).max()
+    assert err < 1e-5, f"host steps differ from the MLX path by {err:.2e} (relative)"
+
+
+def test_host_steps_give_each_batch_row_what_it_gets_alone():
+    lm = _model(TTS_LIKE, 4)
+    xs = mx.random.normal((3, TTS_LIKE["dep_q"], TTS_LIKE["depformer_dim"]))
+    together, _ = _depformer_outputs(lm, xs)
+    for b in range(3):
+        alone, _ = _depformer_outputs(lm, xs[b:b + 1])
+        np.testing.assert_array_equal(together[b], alone[0])
+
+
+def test_whole_tokens_of_a_frame_match_the_mlx_path(monkeypatch):
+    """The depformer loop users run (greedy sample_audio) gives the same tokens either way."""
+    from moshi_mlx.modules.sampling import RandomKeys, Sampler
+
+    lm = _model(TTS_LIKE, 8)
+    out = mx.random.normal((1, 1, TTS_LIKE["dim"]))
+    text = mx.array([5])
+
+    def tokens():
+        return np.array(lm.sample_audio(text, out, Sampler(temp=0.0), RandomKeys(0)))
+
+    ours = tokens()
+    monkeypatch.setattr(host, "applies", lambda transformer: False)
+    np.testing.assert_array_equal(ours, tokens())
+
+
+def test_the_mlx_path_stays_where_host_steps_do_not_apply():
+    assert not _model(TTS_LIKE, None).init_depformer_state().host  # float weights
+    lm = _model(dict(TTS_LIKE, depformer_pos_emb="rope"), 4)
+    assert not lm.init_depformer_state().host  # positions
+    assert not lm.transformer.init_state().host  # the temporal transformer: RoPE, a context
+
+
+def test_host_cache_converts_for_the_mlx_path():
+    cache = KVCache(4, host=True)
+    k = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    cache.update_host(k, -k)
+    cache.update(mx.array(k[:, :, None] + 1), mx.array(-k[:, :, None] - 1))  # the MLX path's write
+    keys, values = cache.fetch()
+    np.testing.assert_array_equal(np.array(keys), np.stack([k, k + 1], axis=2))
+    np.testing.assert_array_equal(np.array(values), -np.stack([k, k + 1], axis=2))
+    with pytest.raises(ValueError, match="float32"):
+        KVCache(4, bits=8, host=True)
+
+
+def test_spinning_workers_give_the_same_products():
+    """Products asked with spin (workers wait awake for the next call) equal those without."""
+    mx.random.seed(0)
+    w, s, b = mx.quantize(mx.random.normal((512, 256)), group_size=32, bits=4)
+    x = np.random.default_rng(0).standard_normal((11, 256)).astype(np.float32)  # > 8 rows: two passes
+    plain = kernels.quantized_matmul_host(x, w, s, b, 4, 32)
+    for _ in range(20):
+        np.testing.assert_array_equal(kernels.quantized_matmul_host(x, w, s, b, 4, 32, spin=True), plain)
+    expected = np.array(mx.quantized_matmul(mx.array(x), w, s, b, transpose=True, group_size=32, bits=4))
+    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-4)
