@@ -18,8 +18,8 @@ TTS_LIKE = dict(dim=64, num_heads=2, num_layers=1, text_card=50, card=64, n_q=8,
                 depformer_dim_feedforward=192, depformer_multi_linear=True, depformer_weights_per_step=True,
                 depformer_weights_per_step_schedule=[0, 1, 2, 2, 3, 3, 3, 3], depformer_low_rank_embeddings=32,
                 delays=[0] * 9)
-# Moshi's: one weight set per step, plain embeddings.
-MOSHI_LIKE = dict(dim=64, num_heads=2, num_layers=1, text_card=50, card=64, n_q=8, dep_q=4, context=20,
+# Moshi's: one weight set per step, plain embeddings; every temporal matrix quantizable (dim 128).
+MOSHI_LIKE = dict(dim=128, num_heads=4, num_layers=1, text_card=50, card=64, n_q=8, dep_q=4, context=20,
                   hidden_scale=4.125, depformer_dim=64, depformer_num_heads=2, depformer_num_layers=2,
                   depformer_dim_feedforward=192, depformer_multi_linear=True, depformer_weights_per_step=True,
                   delays=[0] * 9)
@@ -80,11 +80,42 @@ def test_whole_tokens_of_a_frame_match_the_mlx_path(monkeypatch):
     np.testing.assert_array_equal(ours, tokens())
 
 
+def _temporal_outputs(lm: LMModel, xs: mx.array, kv_bits) -> tuple[np.ndarray, bool]:
+    """The temporal transformer's output at each position of xs [B, T, D], one step each."""
+    state = lm.transformer.init_state(kv_bits=kv_bits)
+    outs = [lm.transformer.step(xs[:, t:t + 1], state)[0] for t in range(xs.shape[1])]
+    return np.array(mx.concatenate(outs, axis=1)), state.host
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8], ids=["float-cache", "int8-cache"])
+def test_host_temporal_steps_match_the_mlx_path_past_the_context(kv_bits, monkeypatch):
+    """RoPE, a ring of `context` slots wrapping (45 steps over 20), float or int8 caches."""
+    lm = _model(MOSHI_LIKE, 4)
+    xs = mx.random.normal((2, 45, MOSHI_LIKE["dim"]))
+    ours, used = _temporal_outputs(lm, xs, kv_bits)
+    assert used
+    monkeypatch.setattr(host, "applies", lambda transformer: False)
+    mlx_path, _ = _temporal_outputs(lm, xs, kv_bits)
+    err = np.abs(ours - mlx_path).max() / np.abs(mlx_path).max()
+    assert err < 1e-5, f"host steps differ from the MLX path by {err:.2e} (relative)"
+
+
+def test_rope_matches_mlx_at_far_positions():
+    x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
+    for position in (0, 7, 1000, 40000):  # 40000 steps: 53 minutes
+        ref = np.array(mx.fast.rope(mx.array(x)[:, :, None], 64, traditional=True, base=10000.0, scale=1.0,
+                                    offset=position))[:, :, 0]
+        # both round the angle position · frequency to float32: a few units of its last place
+        angle_ulp = position * 2.0 ** -23
+        np.testing.assert_allclose(host._rope(x, position, 10000.0), ref, rtol=0, atol=1e-5 + 8 * angle_ulp)
+
+
 def test_the_mlx_path_stays_where_host_steps_do_not_apply():
     assert not _model(TTS_LIKE, None).init_depformer_state().host  # float weights
-    lm = _model(dict(TTS_LIKE, depformer_pos_emb="rope"), 4)
-    assert not lm.init_depformer_state().host  # positions
-    assert not lm.transformer.init_state().host  # the temporal transformer: RoPE, a context
+    lm = _model(MOSHI_LIKE, 4)
+    assert lm.transformer.init_state().host
+    assert not lm.transformer.init_state(exact_chunk=4).host  # chunks over a longer ring
+    assert not _model(dict(MOSHI_LIKE, positional_embedding="sin"), 4).transformer.init_state().host
 
 
 def test_host_cache_converts_for_the_mlx_path():
@@ -95,8 +126,11 @@ def test_host_cache_converts_for_the_mlx_path():
     keys, values = cache.fetch()
     np.testing.assert_array_equal(np.array(keys), np.stack([k, k + 1], axis=2))
     np.testing.assert_array_equal(np.array(values), -np.stack([k, k + 1], axis=2))
-    with pytest.raises(ValueError, match="float32"):
-        KVCache(4, bits=8, host=True)
+    int8 = KVCache(4, bits=8, host=True)
+    int8.update_host(k, -k)
+    keys, values = int8.fetch()
+    np.testing.assert_allclose(np.array(keys)[:, :, 0], k, atol=np.abs(k).max() / 254 + 1e-6)
+    np.testing.assert_allclose(np.array(values)[:, :, 0], -k, atol=np.abs(k).max() / 254 + 1e-6)
 
 
 def test_spinning_workers_give_the_same_products():

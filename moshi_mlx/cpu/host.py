@@ -3,20 +3,23 @@ kernels for the quantized products, no MLX graph.
 
 Why: on MLX's CPU backend each quantized product through the kernels is a synchronisation
 point (the kernels read evaluated buffers), and every evaluation is a round trip to MLX's
-scheduler thread, ~0.1 ms, longer than the norm, the attention over a few slots or the gating
-it evaluates. The depformer makes four products per layer, four layers per codebook, up to 32
-codebooks per frame: ~500 such points per TTS frame. Here the same step costs microseconds
-between products, and the products follow each other closely enough for the kernels' workers
-to wait for them awake (`spin`).
+scheduler thread, ~0.1 ms, longer than the norm, the attention or the gating it evaluates. A
+one-position step makes four products per layer: the depformer's 4 layers × 32 codebooks
+make ~500 such points per TTS frame, an STT step's 16 layers 64. Here the operations between
+products cost microseconds, and the products follow each other closely enough for the
+kernels' workers to wait for them awake (`spin`).
 
 What it runs: a step of one position (T = 1) of a transformer whose linear layers are all
-quantized (4 or 8 bits), with RMS norms, no positional embedding, no attention context and
-no cross-attention, over a `KVCache` holding host buffers: the depformer's shape (Moshi's and
-the TTS's, weights per step included). Anything else, or no kernels (Metal, other CPUs), keeps
-the MLX path: `applies` says which.
+quantized (4 or 8 bits), with RMS norms, RoPE or no positional embedding, SiLU gating and no
+cross-attention, over `KVCache`s holding host buffers (float32, or int8 attended by the
+kernel) of exactly the attention context (or of any size without one): the temporal
+transformer of Moshi and of the STT models, and the depformer of Moshi and of the TTS
+(weights per step included). Anything else (the TTS's temporal transformer, with its
+cross-attention; float weights; Metal; CPUs without the kernels) keeps the MLX path, and so
+do chunks of several positions over the same caches: `applies` says which.
 
-The arithmetic is the MLX path's in float32 (dequantized products in the kernels' order,
-the same norms, softmax and SiLU, computed by numpy): results agree to float32 rounding
+The arithmetic is the MLX path's in float32 (dequantized products in the kernels' order, the
+same norms, RoPE, softmax and SiLU, computed by numpy): results agree to float32 rounding
 (tests/test_cpu_host.py).
 """
 from __future__ import annotations
@@ -60,8 +63,7 @@ def applies(transformer) -> bool:
     cfg = transformer.cfg
     if not (kernels.kernels_available() and mx.default_device() == mx.cpu) or not transformer.layers:
         return False
-    if (cfg.positional_embedding != "none" or cfg.context is not None or cfg.cross_attention or not cfg.causal
-            or cfg.gating != "silu"):
+    if cfg.positional_embedding not in ("none", "rope") or cfg.cross_attention or not cfg.causal or cfg.gating != "silu":
         return False
     first, last = _linears(transformer.layers[0])[0], _linears(transformer.layers[-1])[-1]
     key = (id(first), id(first.weight), id(last), id(last.weight))
@@ -99,9 +101,18 @@ def _scaled(layer, name: str, h: np.ndarray) -> np.ndarray:
     return h * _host(layer[name].scale) if name in layer else h
 
 
-def _softmax(s: np.ndarray) -> np.ndarray:
-    e = np.exp(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
+    """mx.fast.rope(traditional=True) of x [..., Dh] at one position: pairs (2i, 2i+1)
+    rotated by position · base^(−2i/Dh), in float32 as MLX computes it."""
+    half = x.shape[-1] // 2
+    inv_freq = np.exp(np.arange(half, dtype=np.float32) * np.float32(-np.log(base) / half))
+    theta = np.float32(position) * inv_freq
+    cos, sin = np.cos(theta), np.sin(theta)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
 
 
 def layer_step(layer, x: np.ndarray, cache: "KVCache", offset: int) -> np.ndarray:
@@ -117,10 +128,13 @@ def layer_step(layer, x: np.ndarray, cache: "KVCache", offset: int) -> np.ndarra
     gating = layer.gating if ws is None else layer.gating[ws]
 
     qkv = _linear(_rms_norm(x, layer.norm1), in_proj).reshape(B, 3, H, Dh)
-    cache.update_host(qkv[:, 1], qkv[:, 2])
-    keys, values = cache.host_view()  # [B, H, n, Dh]: every written slot is visible (no context)
-    scores = np.einsum("bhd,bhnd->bhn", qkv[:, 0] * np.float32(Dh ** -0.5), keys)
-    h = np.einsum("bhn,bhnd->bhd", _softmax(scores), values).reshape(B, D)
+    q, k = qkv[:, 0], qkv[:, 1]
+    if cfg.positional_embedding == "rope":
+        q, k = _rope(q, offset, cfg.max_period), _rope(k, offset, cfg.max_period)
+    cache.update_host(k, qkv[:, 2])
+    # One position over a ring of `context` slots (or a context-free cache): every written
+    # slot is visible, as the MLX path's mask says for a single step.
+    h = cache.attend_host(q, Dh ** -0.5).reshape(B, D)
     x = x + _scaled(layer, "layer_scale_1", _linear(h, out_proj))
 
     a, b = np.split(_linear(_rms_norm(x, layer.norm2), gating.linear_in), 2, axis=-1)

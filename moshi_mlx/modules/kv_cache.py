@@ -14,6 +14,12 @@ def _quantize_int8(x: mx.array) -> tuple[mx.array, mx.array]:
     return mx.round(x / scale).astype(mx.int8), scale
 
 
+def _quantize_int8_host(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_quantize_int8 for a host cache, in numpy (the same arithmetic)."""
+    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-30)) / np.float32(127.0)
+    return np.round(x / scale).astype(np.int8), scale.astype(np.float32)
+
+
 class KVCache:
     """Rotating KV cache holding the last `capacity` steps: it never runs out.
 
@@ -34,8 +40,6 @@ class KVCache:
     def __init__(self, capacity: int, bits: int | None = None, host: bool = False):
         if bits not in (None, 8):
             raise ValueError(f"KV cache bits must be None (compute dtype) or 8, got {bits}")
-        if host and bits:
-            raise ValueError("a host KV cache holds float32 (bits=None)")
         self.capacity = capacity
         self.bits = bits
         # host=True: numpy buffers, for layer steps run on the host (cpu/host.py); update()
@@ -61,20 +65,42 @@ class KVCache:
         return ["keys", "values"] + (["key_scales", "value_scales"] if self.bits else [])
 
     def update_host(self, k: np.ndarray, v: np.ndarray) -> None:
-        """Write one step k, v [B, H, Dh] (numpy) into a host cache's ring."""
+        """Write one step k, v [B, H, Dh] (float32 numpy) into a host cache's ring. Its buffers
+        are allocated whole: the pages the ring has not reached yet are never touched, so
+        they take no memory."""
+        B, H, Dh = k.shape
         if self.keys is None:
-            B, H, Dh = k.shape
-            self.keys = np.zeros((B, H, self.capacity, Dh), np.float32)
-            self.values = np.zeros((B, H, self.capacity, Dh), np.float32)
+            dtype = np.int8 if self.bits else np.float32
+            self.keys = np.zeros((B, H, self.capacity, Dh), dtype)
+            self.values = np.zeros((B, H, self.capacity, Dh), dtype)
+            if self.bits:
+                self.key_scales = np.zeros((B, H, self.capacity, 1), np.float32)
+                self.value_scales = np.zeros((B, H, self.capacity, 1), np.float32)
         slot = self.offset % self.capacity
-        self.keys[:, :, slot] = k
-        self.values[:, :, slot] = v
+        if self.bits:
+            for name, x in (("keys", k), ("values", v)):
+                q, scale = _quantize_int8_host(x)
+                getattr(self, name)[:, :, slot] = q
+                getattr(self, name[:-1] + "_scales")[:, :, slot] = scale
+        else:
+            self.keys[:, :, slot] = k
+            self.values[:, :, slot] = v
         self.offset += 1
 
-    def host_view(self) -> tuple[np.ndarray, np.ndarray]:
-        """A host cache's written slots [B, H, n, Dh] (slot order, see `positions`)."""
+    def attend_host(self, q: np.ndarray, scale: float) -> np.ndarray:
+        """A host cache's attention of one query step q [B, H, Dh] over every written slot."""
         n = self.valid
-        return self.keys[:, :, :n], self.values[:, :, :n]
+        B, H, Dh = q.shape
+        if self.bits and Dh % 8 == 0 and Dh <= 256:  # the kernel's head sizes
+            out = cpu.attend_int8_host(q.reshape(B * H, Dh), self.keys, self.key_scales, self.values,
+                                       self.value_scales, n, scale)
+            return out.reshape(B, H, Dh)
+        k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        if self.bits:
+            k, v = k * self.key_scales[:, :, :n], v * self.value_scales[:, :, :n]
+        scores = np.einsum("bhd,bhnd->bhn", q * np.float32(scale), k)
+        e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return np.einsum("bhn,bhnd->bhd", e / e.sum(axis=-1, keepdims=True), v)
 
     def update(self, k: mx.array, v: mx.array) -> None:
         """Write k, v [B, H, T, Dh] into the ring."""
@@ -113,9 +139,11 @@ class KVCache:
     def fetch(self) -> tuple[mx.array, mx.array]:
         """The cached keys and values (in the written slots), ordered as `positions()`."""
         n = self.valid
-        if self.host:
-            return tuple(mx.array(a) for a in self.host_view())
         k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        if self.host:
+            if self.bits:
+                k, v = k * self.key_scales[:, :, :n], v * self.value_scales[:, :, :n]
+            return mx.array(k, mx.float32), mx.array(v, mx.float32)
         if self.bits:
             k = k.astype(mx.float32) * self.key_scales[:, :, :n]
             v = v.astype(mx.float32) * self.value_scales[:, :, :n]
@@ -130,7 +158,7 @@ class KVCache:
     def attend_one(self, q: mx.array, scale: float) -> mx.array | None:
         """Attention of one query step q [B, H, 1, Dh] over every written slot, with the
         compiled CPU kernel for int8 caches; None when it does not apply (then use fetch)."""
-        if self.bits != 8:
+        if self.bits != 8 or self.host:
             return None
         return cpu.attend_int8(q, self.keys, self.key_scales, self.values, self.value_scales, self.valid, scale)
 

@@ -372,7 +372,9 @@ class Transformer(nn.Module):
                 raise ValueError("streaming needs a finite attention context or a cache capacity")
             capacity = self.cfg.context + (exact_chunk - 1 if exact_chunk else 0)
         bits = self._cache_bits(capacity, kv_bits)
-        host = bits is None and exact_chunk is None and cpu_host.applies(self)
+        # host steps attend over every written slot: a ring of exactly `context` slots
+        host = exact_chunk is None and (self.cfg.context is None or capacity == self.cfg.context) \
+            and cpu_host.applies(self)
         return TransformerState([KVCache(capacity, bits, host=host) for _ in self.layers],
                                 max_chunk=exact_chunk or capacity, ring_step=ring_step if exact_chunk else None,
                                 cross_kv=self.source_kv(cross_source), cross_mask=cross_mask, host=host)
@@ -380,10 +382,10 @@ class Transformer(nn.Module):
     def step(self, x: mx.array, state: TransformerState) -> tuple[mx.array, TransformerState]:
         """x [B, T, D] after `state` → (y, state); the caches are updated in place."""
         T = x.shape[1]
-        if state.host:  # see cpu/host.py: no context, no positions, so step by step is the same
-            outs = [cpu_host.step(self, x[:, t:t + 1], state.caches, state.offset + t) for t in range(T)]
-            state.offset += T
-            return (outs[0] if T == 1 else mx.concatenate(outs, axis=1)), state
+        if state.host and T == 1:  # see cpu/host.py; longer chunks take the MLX path over the same caches
+            y = cpu_host.step(self, x, state.caches, state.offset)
+            state.offset += 1
+            return y, state
         if T > state.max_chunk:
             outs = [self.step(x[:, i:i + state.max_chunk], state)[0] for i in range(0, T, state.max_chunk)]
             return mx.concatenate(outs, axis=1), state
