@@ -126,6 +126,17 @@ def test_text_pushed_while_speaking_equals_whole_text(tts, tts_model_dir):
     np.testing.assert_allclose(np.concatenate(pcm), whole.pcm, atol=1e-6)
 
 
+def test_mimi_keeps_only_its_decoder(tts):
+    """Speech is only decoded: the encoder's weights are not kept, and asking it to encode says so."""
+    from moshi_mlx.errors import InputError
+
+    assert not tts.mimi.has_encoder and "encoder_transformer" not in tts.mimi
+    with pytest.raises(InputError, match="only decodes"):
+        tts.mimi.encode(np.zeros((1, 1, 1920), np.float32))
+    pcm, _ = tts.mimi.decode_step(np.zeros((1, 32, 1), np.int32), tts.mimi.init_state(1))
+    assert pcm.shape == (1, 1, 1920)
+
+
 def test_long_text_wraps_the_cache(tts):
     words = ("the rabbit lived in the forest and how are you today " * 4).split()
     speech = tts.synthesize(" ".join(words), temp=0.6, seed=0)

@@ -85,6 +85,7 @@ def build_tts(bits: int):
     from moshi_mlx.sessions.tts import TextToSpeech, TtsConfig
 
     mimi = MimiModel()
+    mimi.drop_encoder()  # as TextToSpeech.from_pretrained does
     mx.eval(mimi.parameters())
     kwargs = tts_kwargs()
     lm = LMModel(LmConfig(**kwargs))  # lazy random init: never all in fp32 when quantized

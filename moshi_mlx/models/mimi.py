@@ -163,8 +163,8 @@ class MimiState:
     `encode_step` / `decode_step`, which also return it."""
 
     batch_size: int
-    encoder: SEANetState
-    encoder_transformer: TransformerState
+    encoder: SEANetState | None  # None: a model that only decodes (MimiModel.drop_encoder)
+    encoder_transformer: TransformerState | None
     downsample: ConvState | None
     upsample: ConvState | None
     decoder_transformer: TransformerState
@@ -243,10 +243,28 @@ class MimiModel(nn.Module):
         return self.config.sampling_rate
 
     # -- validation -------------------------------------------------------------------
+    ENCODER_PARTS = ("encoder", "encoder_transformer", "downsample")
+
+    @property
+    def has_encoder(self) -> bool:
+        return "encoder" in self
+
+    def drop_encoder(self) -> None:
+        """Free the encoder's weights (SEANet encoder, its transformer, the downsampling:
+        156 MB in float32), for a model that only decodes (TextToSpeech). Encoding then
+        raises InputError; decoding is unchanged."""
+        for name in self.ENCODER_PARTS:
+            if name in self:
+                del self[name]
+        mx.clear_cache()  # hand the freed buffers back now, not at the next allocation
+
     def _check_audio(self, x: Any, streaming: bool) -> mx.array:
         """Shape and dtype always (metadata: free); values (NaN/Inf) in batch calls, and in
         streaming only for host (numpy) input, so a stream of mx arrays never waits on a
         host synchronisation per frame."""
+        if not self.has_encoder:
+            raise InputError("this MimiModel only decodes (its encoder was dropped, see drop_encoder): "
+                             "load another one to encode audio")
         host = x if isinstance(x, np.ndarray) else None
         x = _as_array(x, "input_values")
         if x.ndim != 3 or x.shape[1] != self.config.audio_channels:
@@ -409,7 +427,9 @@ class MimiModel(nn.Module):
             chunk, ring = max_frames * stride, stride
         else:
             chunk, ring = None, None
-        return MimiState(batch_size, self.encoder.init_state(), self.encoder_transformer.init_state(chunk, ring_step=ring),
+        encoder = self.has_encoder
+        return MimiState(batch_size, self.encoder.init_state() if encoder else None,
+                         self.encoder_transformer.init_state(chunk, ring_step=ring) if encoder else None,
                          None, None, self.decoder_transformer.init_state(chunk, ring_step=ring),
                          self.decoder.init_state())
 

@@ -296,6 +296,7 @@ class TextToSpeech:
         from ..models.loading import load_checkpoint
 
         model = load_checkpoint(ckpt, revision=revision, quantize=quantize)
+        model.mimi.drop_encoder()  # speech is only decoded here
         tts = cls(model.lm, model.mimi, model.tokenizer, config)
         tts.model_id = ckpt.source
         return tts
