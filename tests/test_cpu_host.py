@@ -100,6 +100,35 @@ def test_host_temporal_steps_match_the_mlx_path_past_the_context(kv_bits, monkey
     assert err < 1e-5, f"host steps differ from the MLX path by {err:.2e} (relative)"
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["whole-source", "masked-source"])
+def test_host_steps_with_cross_attention_match_the_mlx_path(masked, monkeypatch):
+    """The TTS's temporal transformer: RoPE, a wrapping ring, cross-attention to a source
+    (with the mask CFG's null half uses), layer scales."""
+    from moshi_mlx.modules.transformer import Transformer, TransformerConfig
+
+    mx.random.seed(5)
+    cfg = TransformerConfig(d_model=128, num_heads=4, num_layers=2, dim_feedforward=528, context=12,
+                            norm="rms_norm_f32", gating="silu", layer_scale=0.5, cross_attention=True)
+    transformer = Transformer(cfg)
+    quantize_model(transformer, QuantizationSpec.make(4))
+    mx.eval(transformer.parameters())
+    source = mx.random.normal((2, 7, 128))
+    mask = mx.array([[True] * 7, [True, True, False, True, False, False, True]]) if masked else None
+    xs = mx.random.normal((2, 30, 128))
+
+    def outputs():
+        state = transformer.init_state(cross_source=source, cross_mask=mask)
+        ys = [transformer.step(xs[:, t:t + 1], state)[0] for t in range(xs.shape[1])]
+        return np.array(mx.concatenate(ys, axis=1)), state.host
+
+    ours, used = outputs()
+    assert used
+    monkeypatch.setattr(host, "applies", lambda transformer: False)
+    mlx_path, _ = outputs()
+    err = np.abs(ours - mlx_path).max() / np.abs(mlx_path).max()
+    assert err < 1e-5, f"host steps differ from the MLX path by {err:.2e} (relative)"
+
+
 def test_rope_matches_mlx_at_far_positions():
     x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
     for position in (0, 7, 1000, 40000):  # 40000 steps: 53 minutes

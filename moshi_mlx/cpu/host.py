@@ -10,13 +10,13 @@ products cost microseconds, and the products follow each other closely enough fo
 kernels' workers to wait for them awake (`spin`).
 
 What it runs: a step of one position (T = 1) of a transformer whose linear layers are all
-quantized (4 or 8 bits), with RMS norms, RoPE or no positional embedding, SiLU gating and no
-cross-attention, over `KVCache`s holding host buffers (float32, or int8 attended by the
+quantized (4 or 8 bits), with RMS norms, RoPE or no positional embedding, SiLU gating and
+cross-attention or none (a LayerNorm before it), over `KVCache`s holding host buffers (float32, or int8 attended by the
 kernel) of exactly the attention context (or of any size without one): the temporal
-transformer of Moshi and of the STT models, and the depformer of Moshi and of the TTS
-(weights per step included). Anything else (the TTS's temporal transformer, with its
-cross-attention; float weights; Metal; CPUs without the kernels) keeps the MLX path, and so
-do chunks of several positions over the same caches: `applies` says which.
+transformers of Moshi, of the STT and of the TTS models, and the depformers of Moshi and of
+the TTS (weights per step included). Anything else (float weights; Metal; CPUs without the
+kernels) keeps the MLX path, and so do chunks of several positions over the same caches:
+`applies` says which.
 
 The arithmetic is the MLX path's in float32 (dequantized products in the kernels' order, the
 same norms, RoPE, softmax and SiLU, computed by numpy): results agree to float32 rounding
@@ -53,6 +53,8 @@ def _linears(layer) -> list:
     gating = layer.gating if isinstance(layer.gating, list) else [layer.gating]
     for g in gating:
         out += [g.linear_in, g.linear_out]
+    if layer.cfg.cross_attention:  # its keys and values are computed once per source, not per step
+        out += [layer.cross_attention.q_proj, layer.cross_attention.out_proj]
     return out
 
 
@@ -63,7 +65,7 @@ def applies(transformer) -> bool:
     cfg = transformer.cfg
     if not (kernels.kernels_available() and mx.default_device() == mx.cpu) or not transformer.layers:
         return False
-    if cfg.positional_embedding not in ("none", "rope") or cfg.cross_attention or not cfg.causal or cfg.gating != "silu":
+    if cfg.positional_embedding not in ("none", "rope") or not cfg.causal or cfg.gating != "silu":
         return False
     first, last = _linears(transformer.layers[0])[0], _linears(transformer.layers[-1])[-1]
     key = (id(first), id(first.weight), id(last), id(last.weight))
@@ -81,12 +83,41 @@ def _structure_applies(transformer) -> bool:
             return False  # another norm, or a bfloat16 model (its MLX path computes in bfloat16)
         if not all(_quantized(lin) for lin in _linears(layer)):
             return False
+        if layer.cfg.cross_attention and not ("weight" in layer.norm_cross and "bias" in layer.norm_cross):
+            return False  # norm_cross is a LayerNorm with both
     return True
 
 
 def _rms_norm(x: np.ndarray, norm) -> np.ndarray:
     """Kyutai's RMSNorm (modules/transformer.RMSNorm) in float32."""
     return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(norm.eps))) * _host(norm.alpha)
+
+
+def _layer_norm(x: np.ndarray, norm) -> np.ndarray:
+    """nn.LayerNorm (affine) in float32."""
+    centred = x - x.mean(axis=-1, keepdims=True)
+    inv = 1.0 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + np.float32(norm.eps))
+    return centred * inv * _host(norm.weight) + _host(norm.bias)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _cross_attention(layer, x: np.ndarray, kv: tuple[mx.array, mx.array], mask: mx.array | None) -> np.ndarray:
+    """The layer's cross-attention for one position x [B, D] over the source's keys and
+    values [B, H, S, Dh] (computed once, read in place), mask [B, S] (True = attend)."""
+    cross = layer.cross_attention
+    B, D = x.shape
+    H, Dh = cross.num_heads, cross.head_dim
+    q = _linear(_layer_norm(x, layer.norm_cross), cross.q_proj).reshape(B, H, 1, Dh)
+    keys, values = _host(kv[0]), _host(kv[1])
+    scores = np.matmul(q * np.float32(Dh ** -0.5), keys.swapaxes(-1, -2))  # [B, H, 1, S]
+    if mask is not None:
+        scores = np.where(_host(mask)[:, None, None, :], scores, np.float32(-np.inf))
+    h = np.matmul(_softmax(scores), values).reshape(B, D)
+    return x + _scaled(layer, "layer_scale_cross", _linear(h, cross.out_proj))
 
 
 def _linear(x: np.ndarray, linear) -> np.ndarray:
@@ -115,8 +146,10 @@ def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
     return out
 
 
-def layer_step(layer, x: np.ndarray, cache: "KVCache", offset: int) -> np.ndarray:
-    """One position x [B, D] through `layer` (attending to `cache`, which it extends)."""
+def layer_step(layer, x: np.ndarray, cache: "KVCache", offset: int,
+               cross_kv: tuple[mx.array, mx.array] | None = None, cross_mask: mx.array | None = None) -> np.ndarray:
+    """One position x [B, D] through `layer` (attending to `cache`, which it extends; and
+    with cross-attention, to the source's keys and values `cross_kv`)."""
     cfg = layer.cfg
     B, D = x.shape
     H = cfg.num_heads
@@ -136,6 +169,8 @@ def layer_step(layer, x: np.ndarray, cache: "KVCache", offset: int) -> np.ndarra
     # slot is visible, as the MLX path's mask says for a single step.
     h = cache.attend_host(q, Dh ** -0.5).reshape(B, D)
     x = x + _scaled(layer, "layer_scale_1", _linear(h, out_proj))
+    if cfg.cross_attention:
+        x = _cross_attention(layer, x, cross_kv, cross_mask)
 
     a, b = np.split(_linear(_rms_norm(x, layer.norm2), gating.linear_in), 2, axis=-1)
     with np.errstate(over="ignore"):  # exp(−a) = inf for a ≪ 0 gives silu(a) = −0, as it should
@@ -143,10 +178,11 @@ def layer_step(layer, x: np.ndarray, cache: "KVCache", offset: int) -> np.ndarra
     return x + _scaled(layer, "layer_scale_2", h)
 
 
-def step(transformer, x: mx.array, caches: list, offset: int) -> mx.array:
+def step(transformer, x: mx.array, caches: list, offset: int, cross_kv: list | None = None,
+         cross_mask: mx.array | None = None) -> mx.array:
     """x [B, 1, D] at position `offset` through every layer (see `applies`) → [B, 1, D]."""
     B, T, D = x.shape
     h = np.array(x.astype(mx.float32), copy=True).reshape(B, D)
-    for layer, cache in zip(transformer.layers, caches):
-        h = layer_step(layer, h, cache, offset)
+    for i, (layer, cache) in enumerate(zip(transformer.layers, caches)):
+        h = layer_step(layer, h, cache, offset, cross_kv[i] if cross_kv else None, cross_mask)
     return mx.array(h.reshape(B, 1, D)).astype(x.dtype)

@@ -209,7 +209,8 @@ class CrossAttention(nn.Module):
         """source [B, S, D] → keys, values [B, H, S, Dh]."""
         B, S, _ = source.shape
         kv = self.kv_proj(source).reshape(B, S, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        return kv[0], kv[1]
+        # contiguous: host steps (cpu/host.py) read them in place, every step
+        return mx.contiguous(kv[0]), mx.contiguous(kv[1])
 
     def __call__(self, x: mx.array, kv: tuple[mx.array, mx.array], mask: mx.array | None = None) -> mx.array:
         """mask [B, S] (True = attend) or None for all of the source."""
@@ -383,7 +384,7 @@ class Transformer(nn.Module):
         """x [B, T, D] after `state` → (y, state); the caches are updated in place."""
         T = x.shape[1]
         if state.host and T == 1:  # see cpu/host.py; longer chunks take the MLX path over the same caches
-            y = cpu_host.step(self, x, state.caches, state.offset)
+            y = cpu_host.step(self, x, state.caches, state.offset, state.cross_kv, state.cross_mask)
             state.offset += 1
             return y, state
         if T > state.max_chunk:
