@@ -137,6 +137,24 @@ def test_mimi_keeps_only_its_decoder(tts):
     assert pcm.shape == (1, 1, 1920)
 
 
+def test_a_dropped_stream_is_freed_at_once(tts):
+    """No reference cycle keeps a stream's caches (and the voice's keys and values) alive
+    until the garbage collector's next pass."""
+    import gc
+    import weakref
+
+    stream = tts.stream(None)
+    stream.push("Hello there.")
+    stream.step()
+    ref = weakref.ref(stream)
+    gc.disable()
+    try:
+        del stream
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_long_text_wraps_the_cache(tts):
     words = ("the rabbit lived in the forest and how are you today " * 4).split()
     speech = tts.synthesize(" ".join(words), temp=0.6, seed=0)
