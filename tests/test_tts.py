@@ -145,6 +145,7 @@ def test_a_dropped_stream_is_freed_at_once(tts):
 
     stream = tts.stream(None)
     stream.push("Hello there.")
+    stream.close()
     stream.step()
     ref = weakref.ref(stream)
     gc.disable()
