@@ -24,16 +24,15 @@ same norms, RoPE, softmax and SiLU, computed by numpy): results agree to float32
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from . import kernels
 
-if TYPE_CHECKING:  # the modules layer imports this one, not the other way round
-    from ..modules.kv_cache import KVCache
+# The modules layer imports this one, not the other way round: layers, caches and their
+# parameters are read by attribute (a layer from modules/transformer.py, a KVCache with
+# host buffers from modules/kv_cache.py).
 
 
 def _host(a: mx.array) -> np.ndarray:
@@ -146,7 +145,7 @@ def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
     return out
 
 
-def layer_step(layer, x: np.ndarray, cache: "KVCache", offset: int,
+def layer_step(layer, x: np.ndarray, cache, offset: int,
                cross_kv: tuple[mx.array, mx.array] | None = None, cross_mask: mx.array | None = None) -> np.ndarray:
     """One position x [B, D] through `layer` (attending to `cache`, which it extends; and
     with cross-attention, to the source's keys and values `cross_kv`)."""
