@@ -131,13 +131,18 @@ def _scaled(layer, name: str, h: np.ndarray) -> np.ndarray:
     return h * _host(layer[name].scale) if name in layer else h
 
 
-def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
-    """mx.fast.rope(traditional=True) of x [..., Dh] at one position: pairs (2i, 2i+1)
-    rotated by position · base^(−2i/Dh), in float32 as MLX computes it."""
-    half = x.shape[-1] // 2
+def _rope_angles(position: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position · base^(−2i/Dh), in float32 as mx.fast.rope computes them:
+    the same for every layer of a step, so made once per step."""
+    half = head_dim // 2
     inv_freq = np.exp(np.arange(half, dtype=np.float32) * np.float32(-np.log(base) / half))
     theta = np.float32(position) * inv_freq
-    cos, sin = np.cos(theta), np.sin(theta)
+    return np.cos(theta), np.sin(theta)
+
+
+def _rope(x: np.ndarray, angles: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """mx.fast.rope(traditional=True) of x [..., Dh]: pairs (2i, 2i+1) rotated by `angles`."""
+    cos, sin = angles
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
     out[..., 0::2] = x0 * cos - x1 * sin
@@ -145,7 +150,7 @@ def _rope(x: np.ndarray, position: int, base: float) -> np.ndarray:
     return out
 
 
-def layer_step(layer, x: np.ndarray, cache, offset: int,
+def layer_step(layer, x: np.ndarray, cache, offset: int, angles: tuple[np.ndarray, np.ndarray] | None = None,
                cross_kv: tuple[mx.array, mx.array] | None = None, cross_mask: mx.array | None = None) -> np.ndarray:
     """One position x [B, D] through `layer` (attending to `cache`, which it extends; and
     with cross-attention, to the source's keys and values `cross_kv`)."""
@@ -162,7 +167,7 @@ def layer_step(layer, x: np.ndarray, cache, offset: int,
     qkv = _linear(_rms_norm(x, layer.norm1), in_proj).reshape(B, 3, H, Dh)
     q, k = qkv[:, 0], qkv[:, 1]
     if cfg.positional_embedding == "rope":
-        q, k = _rope(q, offset, cfg.max_period), _rope(k, offset, cfg.max_period)
+        q, k = _rope(q, angles), _rope(k, angles)
     cache.update_host(k, qkv[:, 2])
     # One position over a ring of `context` slots (or a context-free cache): every written
     # slot is visible, as the MLX path's mask says for a single step.
@@ -182,6 +187,8 @@ def step(transformer, x: mx.array, caches: list, offset: int, cross_kv: list | N
     """x [B, 1, D] at position `offset` through every layer (see `applies`) → [B, 1, D]."""
     B, T, D = x.shape
     h = np.array(x.astype(mx.float32), copy=True).reshape(B, D)
+    cfg = transformer.cfg
+    angles = _rope_angles(offset, D // cfg.num_heads, cfg.max_period) if cfg.positional_embedding == "rope" else None
     for i, (layer, cache) in enumerate(zip(transformer.layers, caches)):
-        h = layer_step(layer, h, cache, offset, cross_kv[i] if cross_kv else None, cross_mask)
+        h = layer_step(layer, h, cache, offset, angles, cross_kv[i] if cross_kv else None, cross_mask)
     return mx.array(h.reshape(B, 1, D)).astype(x.dtype)
