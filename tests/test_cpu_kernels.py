@@ -1,4 +1,4 @@
-"""The CPU quantized-matmul kernel (moshi_mlx/cpu/_kernels.c) against MLX's own op."""
+"""The CPU kernels (moshi_mlx/cpu/_kernels.c) against the MLX ops they replace."""
 from __future__ import annotations
 
 import platform
@@ -121,3 +121,52 @@ def test_thread_pool_survives_fork_and_threads():
     for t in threads:
         t.join(60)
     assert len(results) == 200 and all(np.array_equal(r, want) for r in results)
+
+
+def _mlx_rvq_codes(rvq, x: mx.array, n: int, monkeypatch) -> np.ndarray:
+    with monkeypatch.context() as m:
+        m.setattr(cpu, "nearest_codes", lambda *args: None)
+        return np.array(rvq.encode(x, n))
+
+
+def test_rvq_nearest_code_kernel_matches_mlx(monkeypatch):
+    """Residual quantization through the kernel (exact distances) against MLX's (shortlist by
+    ‖c‖²/2 − r·c, then exact): the same codes on random and on near-code inputs, each row as
+    alone, any number of levels, the lowest index on exact ties."""
+    from moshi_mlx.modules.rvq import ResidualVectorQuantizer
+
+    if cpu_kernels() is None:
+        pytest.skip("no kernel on this CPU")
+    mx.random.seed(5)
+    rvq = ResidualVectorQuantizer(n_q=6, bins=1024, dim=64, input_dim=96, output_dim=96)
+    mx.eval(rvq.parameters())
+    x = mx.random.normal((3, 70, 96)) * 2  # 210 rows: several calls of NEAREST_MAX_ROWS
+    got = np.array(rvq.encode(x, 6))
+    assert got.shape == (3, 70, 6) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, _mlx_rvq_codes(rvq, x, 6, monkeypatch))
+    np.testing.assert_array_equal(np.array(rvq.encode(x, 2)), got[..., :2])
+    alone = np.stack([np.array(rvq.encode(x[:, t:t + 1], 6))[:, 0] for t in range(0, 70, 7)], 1)
+    np.testing.assert_array_equal(alone, got[:, ::7])
+    # inputs a hair away from codewords: where ‖c‖²/2 − r·c cancels in float32
+    near = rvq.codebooks[0][mx.array([[3, 700, 1023]])] + 1e-4 * mx.random.normal((1, 3, 64))
+    rvq_direct = ResidualVectorQuantizer(n_q=6, bins=1024, dim=64, input_dim=64, output_dim=64)
+    rvq_direct.codebooks = rvq.codebooks
+    got = np.array(rvq_direct.encode(near, 6))
+    np.testing.assert_array_equal(got[0, :, 0], [3, 700, 1023])
+    np.testing.assert_array_equal(got, _mlx_rvq_codes(rvq_direct, near, 6, monkeypatch))
+    rvq_direct.codebooks = mx.ones((2, 1024, 64))  # all codes equal (an untrained codebook)
+    np.testing.assert_array_equal(np.array(rvq_direct.encode(near, 2)), 0)
+
+
+def test_rvq_kernel_rejects_bad_shapes():
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("no kernel on this CPU")
+    cb = np.zeros((4, 256, 32), np.float32)
+    x = np.zeros((2, 32), np.float32)
+    out = np.empty((2, 4), np.int32)
+    kernels.nearest_codes(x, cb, out, 2, 4, 4, 256, 32, 2, 0)
+    with pytest.raises(ValueError, match="unsupported"):
+        kernels.nearest_codes(x, cb, out, 2, 5, 4, 256, 32, 2, 0)  # more levels than codebooks
+    with pytest.raises(ValueError, match="buffer sizes"):
+        kernels.nearest_codes(x, cb, out, 2, 4, 4, 128, 32, 2, 0)

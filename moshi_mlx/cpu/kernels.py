@@ -1,5 +1,6 @@
 """The facade over the compiled CPU kernels (`_kernels.c`): few-row quantized matmuls, one
-query's attention over an int8 KV cache, SEANet's convolutions.
+query's attention over an int8 KV cache, SEANet's convolutions, residual quantization's
+nearest-code searches.
 
 They are built on x86-64 Linux only and run on MLX's CPU backend only. Each compute
 function returns an `mx.array`, or None for "use MLX's own op": model code keeps one line
@@ -41,7 +42,7 @@ def kernels_available() -> bool:
 def describe() -> str:
     """One line for `moshi-mlx -v`."""
     state = "on" if kernels_available() else "off (not built, not x86-64 with AVX2/FMA, or MOSHI_MLX_CPU_KERNELS=0)"
-    return f"CPU kernels (quantized matmul, int8-KV attention, SEANet convolutions) {state}"
+    return f"CPU kernels (quantized matmul, int8-KV attention, SEANet convolutions, RVQ searches) {state}"
 
 
 def threads() -> int:
@@ -147,6 +148,29 @@ def attend_int8_host(q: np.ndarray, keys: np.ndarray, key_scales: np.ndarray, va
     _module().attend_int8(np.ascontiguousarray(q, np.float32), keys, key_scales, values, value_scales, out, BH,
                           keys.shape[2], valid, Dh, scale, threads())
     return out
+
+
+# -- residual vector quantization ----------------------------------------------------------------
+
+NEAREST_MAX_ROWS = 64  # rows per call: their residuals stay in the cache while a codebook streams by
+
+
+def nearest_codes(x: mx.array, codebooks: mx.array, n: int) -> mx.array | None:
+    """x [..., D] → the codes [..., n] (int32) of residual quantization with the first n
+    codebooks [n_q, bins, D]: each level's exactly nearest codeword (lowest index on ties),
+    subtracted before the next level; or None."""
+    D = x.shape[-1]
+    if not (_applies(x) and codebooks.dtype == mx.float32 and D % 16 == 0 and x.size > 0):
+        return None
+    rows = x.size // D
+    x2, cb = _evaluated([x, codebooks])
+    x2 = np.array(x2, np.float32).reshape(rows, D)
+    out = np.empty((rows, n), np.int32)
+    for r in range(0, rows, NEAREST_MAX_ROWS):
+        k = min(NEAREST_MAX_ROWS, rows - r)
+        _module().nearest_codes(x2[r:r + k], cb, out[r:r + k], k, n, cb.shape[0], cb.shape[1], D, threads(),
+                                SPIN_US)
+    return mx.array(out.reshape(*x.shape[:-1], n))
 
 
 # -- SEANet's convolutions -----------------------------------------------------------------------

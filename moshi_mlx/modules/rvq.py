@@ -1,12 +1,16 @@
 """Residual vector quantization (Kyutai's SplitResidualVectorQuantizer).
 
 Activations are [B, T, D]. Codebooks are stored resolved (embedding_sum / cluster_usage,
-computed once at load time in checkpoints/tensors.py), as [n_q, bins, dim].
+computed once at load time in checkpoints/tensors.py), as [n_q, bins, dim]. On MLX's CPU
+backend the nearest-code searches run in one compiled kernel call (cpu/kernels.nearest_codes:
+exact distances, one pass over each codebook for all rows); the MLX code below is the rest.
 """
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from ..cpu import kernels as cpu
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -36,6 +40,9 @@ class ResidualVectorQuantizer(nn.Module):
     def encode(self, x: mx.array, n_q: int) -> mx.array:
         """x [B, T, input_dim] → codes [B, T, n_q] (int32): nearest code, residual −= code."""
         residual = self.input_proj(x) if "input_proj" in self else x
+        codes = cpu.nearest_codes(residual, self.codebooks, n_q)
+        if codes is not None:
+            return codes
         norms = self._half_norms()
         codes = []
         for i in range(n_q):
