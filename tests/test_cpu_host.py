@@ -172,3 +172,41 @@ def test_spinning_workers_give_the_same_products():
         np.testing.assert_array_equal(kernels.quantized_matmul_host(x, w, s, b, 4, 32, spin=True), plain)
     expected = np.array(mx.quantized_matmul(mx.array(x), w, s, b, transpose=True, group_size=32, bits=4))
     np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_host_embedding_rows_equal_mlx_lookups():
+    """Rows read on the host (float tables; 4/8-bit with float32 or bfloat16 scales, which MLX
+    rounds after each operation) are bitwise MLX's lookups, −1 giving zeros."""
+    import mlx.nn as nn
+
+    from moshi_mlx.modules.embedding import ScaledEmbedding, embed
+
+    mx.random.seed(1)
+    tables = [nn.Embedding(300, 64)]
+    for bits in (4, 8):
+        for dtype in (mx.float32, mx.bfloat16):
+            t = nn.QuantizedEmbedding.from_embedding(nn.Embedding(300, 64), group_size=32, bits=bits)
+            t.scales, t.biases = t.scales.astype(dtype), t.biases.astype(dtype)
+            tables.append(t)
+    tables.append(ScaledEmbedding(300, 64, low_rank=16))  # not handled here: None
+    for t in tables:
+        mx.eval(t.parameters())
+    tokens = np.random.default_rng(0).integers(-1, 300, (9, len(tables))).astype(np.int32)
+    tokens[0] = -1
+    rows = host.embedding_rows(tables, tokens)
+    assert rows[-1] is None
+    for k, table in enumerate(tables[:-1]):
+        np.testing.assert_array_equal(rows[k], np.array(embed(table, mx.array(tokens[:, k]), mx.float32)), str(k))
+    assert not rows[1][0].any()
+
+
+def test_one_step_embeddings_equal_the_mlx_path():
+    """The LM's summed input embeddings of one position (host rows) equal those of a chunk of
+    several positions (MLX), bitwise, for a quantized model with a conditioning sum."""
+    lm = _model(MOSHI_LIKE, 4)
+    tokens = mx.array(np.random.default_rng(2).integers(-1, 50, (2, 9, 3)).astype(np.int32))
+    condition = mx.random.normal((2, 1, MOSHI_LIKE["dim"]))
+    chunk = np.array(lm._embed_step_tokens(tokens, condition))
+    for t in range(3):
+        np.testing.assert_array_equal(np.array(lm._embed_step_tokens(tokens[:, :, t:t + 1], condition))[:, 0],
+                                      chunk[:, t])

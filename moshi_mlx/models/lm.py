@@ -11,9 +11,11 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..checkpoints import lm as lm_ckpt
 from ..config import ConfigMixin
+from ..cpu import host as cpu_host
 from ..errors import CheckpointError
 from ..modules.conditioners import ConditionProvider, Conditions
 from ..modules.embedding import ScaledEmbedding, embed
@@ -187,12 +189,27 @@ class LMModel(nn.Module):
         """tokens [B, K, T] (K = 1 + n_q) → summed embeddings [B, T, dim], plus the "sum"
         conditions [B, 1, dim] of a conditioned model."""
         dtype = compute_dtype()  # once per step, not per table
+        if tokens.shape[-1] == 1 and dtype == mx.float32 and mx.default_device() == mx.cpu:
+            return self._embed_one_step_on_host(tokens, condition_sum)
         x = embed(self.text_emb, tokens[:, 0], dtype)
         for k, table in enumerate(self.emb):
             x = x + embed(table, tokens[:, k + 1], dtype)
         if condition_sum is not None:
             x = x + condition_sum.astype(dtype)
         return x
+
+    def _embed_one_step_on_host(self, tokens: mx.array, condition_sum: mx.array | None) -> mx.array:
+        """_embed_step_tokens for one position on the CPU backend: the same float32 sums, in the
+        same order, of rows read on the host (cpu/host.embedding_rows; MLX for other tables)."""
+        tables = [self.text_emb, *self.emb]
+        x = None
+        for k, (table, rows) in enumerate(zip(tables, cpu_host.embedding_rows(tables, np.array(tokens)[:, :, 0]))):
+            if rows is None:
+                rows = np.array(embed(table, tokens[:, k], mx.float32))[:, 0]
+            x = rows if x is None else x + rows
+        if condition_sum is not None:
+            x = x + np.array(condition_sum.astype(mx.float32)).reshape(x.shape)
+        return mx.array(x[:, None])
 
     @property
     def conditioned(self) -> bool:
