@@ -18,8 +18,8 @@ the TTS (weights per step included). Anything else (float weights; Metal; CPUs w
 kernels) keeps the MLX path, and so do chunks of several positions over the same caches:
 `applies` says which.
 
-`embedding_rows` reads a step's token embeddings (33 tables for Moshi and the STT models)
-the same way, on the CPU backend with or without the kernels.
+`embedding_rows` reads the token embeddings of such a step (33 tables for Moshi and the
+STT models) on the host too.
 
 The arithmetic is the MLX path's in float32 (dequantized products in the kernels' order, the
 same norms, RoPE, softmax and SiLU, computed by numpy): results agree to float32 rounding

@@ -189,7 +189,8 @@ class LMModel(nn.Module):
         """tokens [B, K, T] (K = 1 + n_q) → summed embeddings [B, T, dim], plus the "sum"
         conditions [B, 1, dim] of a conditioned model."""
         dtype = compute_dtype()  # once per step, not per table
-        if tokens.shape[-1] == 1 and dtype == mx.float32 and mx.default_device() == mx.cpu:
+        if tokens.shape[-1] == 1 and dtype == mx.float32 and cpu_host.applies(self.transformer):
+            # the step runs on the host: its input is needed there, not in an MLX graph
             return self._embed_one_step_on_host(tokens, condition_sum)
         x = embed(self.text_emb, tokens[:, 0], dtype)
         for k, table in enumerate(self.emb):
@@ -199,8 +200,9 @@ class LMModel(nn.Module):
         return x
 
     def _embed_one_step_on_host(self, tokens: mx.array, condition_sum: mx.array | None) -> mx.array:
-        """_embed_step_tokens for one position on the CPU backend: the same float32 sums, in the
-        same order, of rows read on the host (cpu/host.embedding_rows; MLX for other tables)."""
+        """_embed_step_tokens for one position whose transformer step runs on the host: the same
+        float32 sums, in the same order, of rows read there (cpu/host.embedding_rows; MLX for
+        other tables). Where the step runs in MLX, its lookups stay in the step's graph."""
         tables = [self.text_emb, *self.emb]
         x = None
         for k, (table, rows) in enumerate(zip(tables, cpu_host.embedding_rows(tables, np.array(tokens)[:, :, 0]))):
