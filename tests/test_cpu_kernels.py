@@ -170,3 +170,57 @@ def test_rvq_kernel_rejects_bad_shapes():
         kernels.nearest_codes(x, cb, out, 2, 5, 4, 256, 32, 2, 0)  # more levels than codebooks
     with pytest.raises(ValueError, match="buffer sizes"):
         kernels.nearest_codes(x, cb, out, 2, 4, 4, 128, 32, 2, 0)
+
+
+def test_rowwise_linear_computes_each_row_as_alone():
+    """Mimi's encoder products through the convolution kernel: linear(x) to float32 rounding,
+    and each row bitwise the same in any batch (BLAS's products are not: they pick kernels by
+    the number of rows)."""
+    from moshi_mlx.modules.transformer import rowwise_linear
+
+    if cpu_kernels() is None:
+        pytest.skip("no kernel on this CPU")
+    mx.random.seed(7)
+    linear = nn.Linear(96, 200, bias=True)
+    mx.eval(linear.parameters())
+    x = mx.random.normal((3, 11, 96))
+    got = np.array(rowwise_linear(linear, x))
+    want = np.array(linear(x))
+    assert np.abs(got - want).max() < 2e-6 * np.abs(want).max()
+    for b in range(3):
+        for t in (0, 5, 10):
+            np.testing.assert_array_equal(np.array(rowwise_linear(linear, x[b:b + 1, t:t + 1]))[0, 0], got[b, t])
+    linear.weight = mx.zeros((200, 96))  # a replaced weight is seen (the kernel's layout is remade)
+    np.testing.assert_array_equal(np.array(rowwise_linear(linear, x)), np.broadcast_to(np.array(linear.bias), got.shape))
+
+
+def test_mimi_streams_encoded_together_get_their_codes_alone():
+    """One streaming encode for a batch of streams (what SttStream runs) gives each stream
+    bitwise the latent, and so the codes, it gets alone: frame by frame and in chunks."""
+    from moshi_mlx.models.mimi import MimiModel
+
+    if cpu_kernels() is None:
+        pytest.skip("no kernel on this CPU")
+    mx.random.seed(0)
+    mimi = MimiModel()
+    mx.eval(mimi.parameters())
+    assert mimi.batch_exact
+    rng = np.random.default_rng(0)
+    pcm = (0.1 * rng.standard_normal((3, 1, 6 * 1920))).astype(np.float32)
+
+    def encode(x: np.ndarray, frames_per_call: int) -> tuple[np.ndarray, np.ndarray]:
+        state = mimi.init_state(x.shape[0], max_frames=4)
+        latents, codes = [], []
+        for i in range(0, x.shape[-1], frames_per_call * 1920):
+            chunk = mx.array(x[:, :, i:i + frames_per_call * 1920]).transpose(0, 2, 1)
+            h = mimi._latent(chunk, state)
+            latents.append(np.array(h))
+            codes.append(np.array(mimi.quantizer.encode(h, 32)))
+        return np.concatenate(latents, 1), np.concatenate(codes, 1)
+
+    for per_call in (1, 3):
+        lat, codes = encode(pcm, per_call)
+        for b in range(3):
+            lat1, codes1 = encode(pcm[b:b + 1], per_call)
+            np.testing.assert_array_equal(lat[b], lat1[0])
+            np.testing.assert_array_equal(codes[b], codes1[0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +18,7 @@ import numpy as np
 from ..checkpoints import mimi as mimi_ckpt
 from ..checkpoints.lm import LmCheckpoint
 from ..config import ConfigMixin
+from ..cpu import kernels as cpu
 from ..errors import CheckpointError, InputError
 from ..modules.conv import ConvState, StreamingConv1d, StreamingConvTranspose1d
 from ..modules.rvq import SplitResidualVectorQuantizer
@@ -193,7 +194,8 @@ class MimiModel(nn.Module):
         seanet = cfg.seanet()
         self.encoder = SEANetEncoder(seanet)
         self.decoder = SEANetDecoder(seanet)
-        self.encoder_transformer = Transformer(cfg.transformer())
+        # rows alone: streams encoded together get the codes each gets alone (rowwise_linear)
+        self.encoder_transformer = Transformer(replace(cfg.transformer(), rowwise_products=True))
         self.decoder_transformer = Transformer(cfg.transformer())
         stride = int(round(cfg.encodec_frame_rate / cfg.frame_rate))
         if stride * cfg.frame_rate != cfg.encodec_frame_rate:
@@ -244,6 +246,15 @@ class MimiModel(nn.Module):
 
     # -- validation -------------------------------------------------------------------
     ENCODER_PARTS = ("encoder", "encoder_transformer", "downsample")
+
+    @property
+    def batch_exact(self) -> bool:
+        """Whether a batch's streaming encode gives each item bitwise the codes it gets alone.
+        With the CPU kernels every product of the encoder sums each row in one order whatever
+        the batch (SEANet's convolutions, the transformer's rowwise products, the RVQ
+        searches); elsewhere (Metal, MLX's CPU ops) kernels chosen by the number of rows may
+        round differently."""
+        return cpu.kernels_available() and mx.default_device() == mx.cpu
 
     @property
     def has_encoder(self) -> bool:

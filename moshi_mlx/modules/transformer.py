@@ -16,6 +16,7 @@ import numpy as np
 from ..cpu import host as cpu_host
 from ..cpu import kernels as cpu
 from .activations import gelu, softmax
+from .conv import ConvWeight
 from .kv_cache import KVCache
 
 
@@ -41,6 +42,10 @@ class TransformerConfig:
     # Each layer also attends (no mask, no positions) to a conditioning source (the TTS's
     # speaker embeddings), after self-attention, with its own LayerNorm and layer scale.
     cross_attention: bool = False
+    # Each row's products computed as if alone, in one summation order whatever the batch
+    # (see rowwise_linear): Mimi's encoder, so that streams encoded together get bitwise the
+    # codes each gets alone.
+    rowwise_products: bool = False
 
     @property
     def num_weight_sets(self) -> int:
@@ -62,6 +67,23 @@ class TransformerConfig:
         if self.dim_feedforward == 4 * self.d_model:
             return 21 * self.d_model // 8
         return 2 * self.dim_feedforward // 3
+
+
+def rowwise_linear(linear: nn.Linear, x: mx.array) -> mx.array:
+    """linear(x) with each row of x computed as if alone. BLAS picks its kernels, and so its
+    summation order, by the number of rows; the CPU kernel of SEANet's convolutions sums in
+    one order whatever the rows, and a linear layer is a convolution of width 1. Mimi's
+    encoder runs its transformer this way (its convolutions and RVQ searches already are), so
+    that streams encoded as one batch get bitwise the codes each gets alone. The kernel's
+    weight layout is made on first use (and again if the weight is replaced). Where the
+    kernel does not run (Metal, other CPUs), the plain product."""
+    prepared = getattr(linear, "_as_conv", None)
+    if prepared is None or prepared.source is not linear.weight:
+        prepared = ConvWeight(linear.weight, linear.weight[:, None, :])
+        object.__setattr__(linear, "_as_conv", prepared)  # not a parameter
+    y = cpu.conv1d(None, x, prepared.packed_for_kernel, linear.bias if "bias" in linear else None,
+                   linear.weight.shape[0], 1, 1, 1, False)
+    return linear(x) if y is None else y
 
 
 class LayerScale(nn.Module):
@@ -156,7 +178,8 @@ class Attention(nn.Module):
 
     def _project(self, x: mx.array, offset: int, which: str) -> mx.array:
         if not self.cfg.weights_per_step:
-            return getattr(self, which)(x)
+            linear = getattr(self, which)
+            return rowwise_linear(linear, x) if self.cfg.rowwise_products else linear(x)
         mods = getattr(self, which + "s")
         ys = [mods[self.cfg.weight_set(offset + t)](x[:, t:t + 1]) for t in range(x.shape[1])]
         return ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=1)
@@ -265,6 +288,8 @@ class TransformerLayer(nn.Module):
     def _ff(self, x: mx.array, offset: int) -> mx.array:
         if self.cfg.gating == "none":
             # exact (erf) GELU, as in the reference; not the tanh approximation
+            if self.cfg.rowwise_products:
+                return rowwise_linear(self.linear2, gelu(rowwise_linear(self.linear1, x)))
             return self.linear2(gelu(self.linear1(x)))
         if self.cfg.weights_per_step:
             ys = [self.gating[self.cfg.weight_set(offset + t)](x[:, t:t + 1]) for t in range(x.shape[1])]

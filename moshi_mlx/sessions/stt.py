@@ -113,10 +113,15 @@ class SttStream:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.stt = stt
         self.batch_size = batch_size
-        # One Mimi stream per item: batched matmuls round differently from single ones, and
-        # the nearest-code search turns that into different codes at near-ties, while each
-        # item must get exactly the codes it gets alone.
-        self.mimi_states = [stt.mimi.init_state(1, max_frames=ENCODE_FRAMES) for _ in range(batch_size)]
+        # Each item must get exactly the codes it gets alone. Where Mimi's encoder computes
+        # every row as alone (MimiModel.batch_exact) the batch shares one encode; elsewhere
+        # batched products may round differently from single ones, which the nearest-code
+        # search can turn into other codes at near-ties: one Mimi stream per item.
+        if stt.mimi.batch_exact:
+            self.mimi_groups = [(range(batch_size), stt.mimi.init_state(batch_size, max_frames=ENCODE_FRAMES))]
+        else:
+            self.mimi_groups = [(range(b, b + 1), stt.mimi.init_state(1, max_frames=ENCODE_FRAMES))
+                                for b in range(batch_size)]
         self.gen = LMGen(stt.lm, temp=0.0, temp_text=0.0)
         self.gen.reset(batch_size)
         self.first = True
@@ -174,9 +179,10 @@ class SttStream:
         mimi, n = self.stt.mimi, self.stt.num_codebooks
         frames = pcm.shape[1] // self.stt.frame_size
         codes = np.zeros((self.batch_size, n, frames), np.int64)
-        for b, state in enumerate(self.mimi_states):
-            if active is None or any(a[b] for a in active):  # an ended stream's codes are never read
-                codes[b] = np.array(mimi.encode_step(pcm[b:b + 1, None], state, num_quantizers=n)[0])[0]
+        for items, state in self.mimi_groups:
+            if active is None or any(a[b] for a in active for b in items):  # ended streams' codes are never read
+                rows = slice(items.start, items.stop)
+                codes[rows] = np.array(mimi.encode_step(pcm[rows, None], state, num_quantizers=n)[0])
         events: list[Event] = []
         for t in range(codes.shape[-1]):
             events += self.step_codes(codes[:, :, t], None if active is None else active[t])
