@@ -176,7 +176,7 @@ def test_rowwise_linear_computes_each_row_as_alone():
     """Mimi's encoder products through the convolution kernel: linear(x) to float32 rounding,
     and each row bitwise the same in any batch (BLAS's products are not: they pick kernels by
     the number of rows)."""
-    from moshi_mlx.modules.transformer import rowwise_linear
+    from moshi_mlx.modules.conv import rowwise_linear
 
     if cpu_kernels() is None:
         pytest.skip("no kernel on this CPU")

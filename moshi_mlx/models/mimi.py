@@ -424,8 +424,9 @@ class MimiModel(nn.Module):
         exact=False (default) streams like Kyutai's reference fed one frame per call:
         attention caches are rings of 250 steps written before attending, so once full, the
         first query of a multi-step chunk sees one key less than in batch mode. With
-        `max_frames`, calls of up to that many frames give exactly what one call per frame
-        gives (offline transcription encodes whole seconds at once, several times faster).
+        `max_frames`, calls of up to that many frames compute what one call per frame computes
+        (to float32 rounding: the attention's sums run over other key sets; offline
+        transcription encodes whole seconds at once, several times faster).
         exact=True keeps the extra keys, so any chunking (of up to SEGMENT_FRAMES frames
         per call) gives the batch result: that is what the batch calls use.
         """

@@ -44,6 +44,24 @@ class ConvWeight:
         return self.packed
 
 
+def rowwise_linear(linear: nn.Linear, x: mx.array) -> mx.array:
+    """linear(x) with each row of x computed as if alone. BLAS picks its kernels, and so its
+    summation order, by the number of rows; the CPU kernel of SEANet's convolutions sums in
+    one order whatever the rows, and a linear layer is a convolution of width 1. Mimi's
+    encoder runs its transformer and its RVQ input projections this way (its convolutions
+    and RVQ searches already are), so that streams encoded as one batch get bitwise the
+    codes each gets alone. The kernel's weight layout is made on first use (and again if
+    the weight is replaced). Where the kernel does not run (Metal, other CPUs), the plain
+    product."""
+    prepared = getattr(linear, "_as_conv", None)
+    if prepared is None or prepared.source is not linear.weight:
+        prepared = ConvWeight(linear.weight, linear.weight[:, None, :])
+        object.__setattr__(linear, "_as_conv", prepared)  # not a parameter
+    y = cpu.conv1d(None, x, prepared.packed_for_kernel, linear.bias if "bias" in linear else None,
+                   linear.weight.shape[0], 1, 1, 1, False)
+    return linear(x) if y is None else y
+
+
 def valid_conv(previous: mx.array | None, x: mx.array, w: ConvWeight, stride: int = 1, dilation: int = 1,
                bias: mx.array | None = None, elu_input: bool = False) -> mx.array:
     """conv(act(previous ‖ x)) + bias without padding, act = ELU if elu_input else identity.

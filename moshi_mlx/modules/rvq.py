@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cpu import kernels as cpu
+from .conv import rowwise_linear
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -39,7 +40,7 @@ class ResidualVectorQuantizer(nn.Module):
 
     def encode(self, x: mx.array, n_q: int) -> mx.array:
         """x [B, T, input_dim] → codes [B, T, n_q] (int32): nearest code, residual −= code."""
-        residual = self.input_proj(x) if "input_proj" in self else x
+        residual = rowwise_linear(self.input_proj, x) if "input_proj" in self else x
         codes = cpu.nearest_codes(residual, self.codebooks, n_q)
         if codes is not None:
             return codes

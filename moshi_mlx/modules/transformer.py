@@ -16,7 +16,7 @@ import numpy as np
 from ..cpu import host as cpu_host
 from ..cpu import kernels as cpu
 from .activations import gelu, softmax
-from .conv import ConvWeight
+from .conv import rowwise_linear
 from .kv_cache import KVCache
 
 
@@ -67,23 +67,6 @@ class TransformerConfig:
         if self.dim_feedforward == 4 * self.d_model:
             return 21 * self.d_model // 8
         return 2 * self.dim_feedforward // 3
-
-
-def rowwise_linear(linear: nn.Linear, x: mx.array) -> mx.array:
-    """linear(x) with each row of x computed as if alone. BLAS picks its kernels, and so its
-    summation order, by the number of rows; the CPU kernel of SEANet's convolutions sums in
-    one order whatever the rows, and a linear layer is a convolution of width 1. Mimi's
-    encoder runs its transformer this way (its convolutions and RVQ searches already are), so
-    that streams encoded as one batch get bitwise the codes each gets alone. The kernel's
-    weight layout is made on first use (and again if the weight is replaced). Where the
-    kernel does not run (Metal, other CPUs), the plain product."""
-    prepared = getattr(linear, "_as_conv", None)
-    if prepared is None or prepared.source is not linear.weight:
-        prepared = ConvWeight(linear.weight, linear.weight[:, None, :])
-        object.__setattr__(linear, "_as_conv", prepared)  # not a parameter
-    y = cpu.conv1d(None, x, prepared.packed_for_kernel, linear.bias if "bias" in linear else None,
-                   linear.weight.shape[0], 1, 1, 1, False)
-    return linear(x) if y is None else y
 
 
 class LayerScale(nn.Module):

@@ -172,8 +172,9 @@ class SttStream:
         return events
 
     def step_frames(self, pcm: np.ndarray, active: Sequence[Sequence[bool]] | None = None) -> list[Event]:
-        """k whole frames per stream [B, k·1920] (k <= ENCODE_FRAMES), encoded at once (the
-        same codes as one frame at a time, see MimiModel.init_state) and stepped one by one.
+        """k whole frames per stream [B, k·1920] (k <= ENCODE_FRAMES), encoded at once (what
+        one frame at a time computes, to float32 rounding, see MimiModel.init_state; a batch
+        gives each stream bitwise what it gets alone, fed alike) and stepped one by one.
         `active[t][b]` False: stream b has ended by frame t (its steps run, as the batch is
         in lockstep, but produce no events)."""
         mimi, n = self.stt.mimi, self.stt.num_codebooks
