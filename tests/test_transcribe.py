@@ -178,11 +178,18 @@ def test_chunked_encoding_equals_frame_by_frame(stt):
     assert np.abs(one - plain).max() > 20 * np.abs(one - chunked).max()
 
 
-def test_batch_equals_single(stt):
+@pytest.mark.parametrize("shared_encode", [True, False], ids=["one-mimi-encode", "mimi-per-stream"])
+def test_batch_equals_single(stt, shared_encode, monkeypatch):
     """Three recordings of different lengths as one batch: the same tokens, VAD
-    probabilities, words and turns as one at a time."""
+    probabilities, words and turns as one at a time; with one Mimi encode for the batch
+    (the CPU kernels: rows computed alone) and with one per stream (elsewhere)."""
     from conftest import speech_pcm
 
+    from moshi_mlx.models.mimi import MimiModel
+
+    if not shared_encode:
+        monkeypatch.setattr(MimiModel, "batch_exact", property(lambda self: False))
+    assert len(stt.stream(3).mimi_groups) == (1 if shared_encode and stt.mimi.batch_exact else 3)
     pcm = speech_pcm(14.0)
     audios = [pcm[: 24000 * 9], pcm[24000 * 2:], pcm[: 24000 * 4][::-1].copy()]
     batch = stt.transcribe_batch(audios)
