@@ -152,7 +152,8 @@ def _layer_norm(x: np.ndarray, norm) -> np.ndarray:
     return centred * inv * _host(norm.weight) + _host(norm.bias)
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float32 (the host steps' attention, and a host KVCache's)."""
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -168,7 +169,7 @@ def _cross_attention(layer, x: np.ndarray, kv: tuple[mx.array, mx.array], mask: 
     scores = np.matmul(q * np.float32(Dh ** -0.5), keys.swapaxes(-1, -2))  # [B, H, 1, S]
     if mask is not None:
         scores = np.where(_host(mask)[:, None, None, :], scores, np.float32(-np.inf))
-    h = np.matmul(_softmax(scores), values).reshape(B, D)
+    h = np.matmul(softmax(scores), values).reshape(B, D)
     return x + _scaled(layer, "layer_scale_cross", _linear(h, cross.out_proj))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from ..cpu import host as cpu_host
 from ..cpu import kernels as cpu
 
 
@@ -99,8 +100,7 @@ class KVCache:
         if self.bits:
             k, v = k * self.key_scales[:, :, :n], v * self.value_scales[:, :, :n]
         scores = np.einsum("bhd,bhnd->bhn", q * np.float32(scale), k)
-        e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        return np.einsum("bhn,bhnd->bhd", e / e.sum(axis=-1, keepdims=True), v)
+        return np.einsum("bhn,bhnd->bhd", cpu_host.softmax(scores), v)
 
     def update(self, k: mx.array, v: mx.array) -> None:
         """Write k, v [B, H, T, Dh] into the ring."""

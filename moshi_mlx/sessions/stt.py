@@ -117,11 +117,9 @@ class SttStream:
         # every row as alone (MimiModel.batch_exact) the batch shares one encode; elsewhere
         # batched products may round differently from single ones, which the nearest-code
         # search can turn into other codes at near-ties: one Mimi stream per item.
-        if stt.mimi.batch_exact:
-            self.mimi_groups = [(range(batch_size), stt.mimi.init_state(batch_size, max_frames=ENCODE_FRAMES))]
-        else:
-            self.mimi_groups = [(range(b, b + 1), stt.mimi.init_state(1, max_frames=ENCODE_FRAMES))
-                                for b in range(batch_size)]
+        groups = [slice(0, batch_size)] if stt.mimi.batch_exact else [slice(b, b + 1) for b in range(batch_size)]
+        self.mimi_groups = [(items, stt.mimi.init_state(items.stop - items.start, max_frames=ENCODE_FRAMES))
+                            for items in groups]
         self.gen = LMGen(stt.lm, temp=0.0, temp_text=0.0)
         self.gen.reset(batch_size)
         self.first = True
@@ -181,9 +179,8 @@ class SttStream:
         frames = pcm.shape[1] // self.stt.frame_size
         codes = np.zeros((self.batch_size, n, frames), np.int64)
         for items, state in self.mimi_groups:
-            if active is None or any(a[b] for a in active for b in items):  # ended streams' codes are never read
-                rows = slice(items.start, items.stop)
-                codes[rows] = np.array(mimi.encode_step(pcm[rows, None], state, num_quantizers=n)[0])
+            if active is None or any(any(a[items]) for a in active):  # ended streams' codes are never read
+                codes[items] = np.array(mimi.encode_step(pcm[items, None], state, num_quantizers=n)[0])
         events: list[Event] = []
         for t in range(codes.shape[-1]):
             events += self.step_codes(codes[:, :, t], None if active is None else active[t])
