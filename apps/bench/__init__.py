@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-7b", action="store_true", help="lm: skip the full 7B q4 row; asr: skip the 2.6B shape (they take minutes)")
     p.add_argument("--stt", action="store_true", help="serve: the STT websocket with 1, 4 and 8 clients")
     p.add_argument("--tts", action="store_true", help="serve: the TTS websocket's time to first audio")
+    p.add_argument("--torch-device", choices=("cpu", "cuda"), default="cpu",
+                   help="asr, tts: where the PyTorch rows run (default cpu; cuda on a machine with an NVIDIA GPU)")
     p.set_defaults(run=run)
 
 
@@ -46,4 +48,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--only applies to `bench mimi`")
     if (args.stt or args.tts) and args.subject != "serve":
         raise InputError("--stt and --tts apply to `bench serve`")
+    if args.torch_device != "cpu" and args.subject not in ("asr", "tts"):
+        raise InputError("--torch-device applies to `bench asr` and `bench tts`")
     return importlib.import_module(f"{__name__}.{args.subject}").run(args)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import peak_rss_mb, run_job, table
+from .common import impl_name, mlx_float_dtype, peak_rss_mb, run_job, sync_torch, table
 
 # Kyutai's STT model shapes (config.json of kyutai/stt-1b-en_fr and stt-2.6b-en).
 SHAPES = {
@@ -33,9 +33,10 @@ class AsrJob:
     shape: str  # a key of SHAPES
     batch: int = 1
     bits: int = 0  # moshi_mlx quantization (0 = full precision)
-    dtype: str = "fp32"  # torch: "fp32" or "bf16"
+    dtype: str = "fp32"  # "fp32" or "bf16": torch's; moshi_mlx's full precision (the label only)
     seconds: float = 10.0
     audio: str = ""  # a file, or "" for the synthetic default
+    torch_device: str = "cpu"
 
     @property
     def uses_moshi_mlx(self) -> bool:
@@ -124,13 +125,15 @@ def _bench_torch(job: AsrJob, pcm: np.ndarray) -> dict:
 
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
-    mimi = get_mimi(None, device="cpu")
+    device = job.torch_device
+    mimi = get_mimi(None, device=device)
     mimi.set_num_codebooks(32)
     kwargs = {**_lm_kwargs, **lm_kwargs(job.shape)}
-    lm = LMModel(**kwargs, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[job.dtype])).eval()
+    lm = LMModel(**kwargs, device=device,
+                 dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[job.dtype])).eval()
     load_s = time.perf_counter() - t0
     s = SHAPES[job.shape]
-    x = torch.from_numpy(pcm)[None, None].repeat(job.batch, 1, 1)
+    x = torch.from_numpy(pcm)[None, None].repeat(job.batch, 1, 1).to(device)
     x = torch.nn.functional.pad(x, (int(s["prefix"] * 24000), int((s["delay"] + 1.0) * 24000)))
     chunks = [c for c in x.split(1920, dim=2) if c.shape[-1] == 1920]
 
@@ -142,6 +145,7 @@ def _bench_torch(job: AsrJob, pcm: np.ndarray) -> dict:
                 if i == 0:
                     gen.step_with_extra_heads(codes)
                 gen.step_with_extra_heads(codes)
+        sync_torch(device)
 
     run(chunks[:12])  # warm-up
     t1 = time.perf_counter()
@@ -151,25 +155,31 @@ def _bench_torch(job: AsrJob, pcm: np.ndarray) -> dict:
             "first_word_s": None, "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
 
 
-def rows_for(shape: str) -> list[AsrJob]:
+def rows_for(shape: str, torch_device: str = "cpu") -> list[AsrJob]:
+    mlx = mlx_float_dtype()
     if shape == "1b":
-        return [AsrJob("moshi_mlx", "1b"), AsrJob("moshi_mlx", "1b", bits=8), AsrJob("moshi_mlx", "1b", bits=4),
-                AsrJob("moshi_mlx", "1b", batch=8, bits=4), AsrJob("torch", "1b"),
+        rows = [AsrJob("moshi_mlx", "1b", dtype=mlx), AsrJob("moshi_mlx", "1b", bits=8),
+                AsrJob("moshi_mlx", "1b", bits=4), AsrJob("moshi_mlx", "1b", batch=8, bits=4), AsrJob("torch", "1b"),
                 AsrJob("torch", "1b", dtype="bf16"), AsrJob("torch", "1b", batch=8, dtype="bf16")]
-    return [AsrJob("moshi_mlx", "2.6b", bits=4), AsrJob("torch", "2.6b", dtype="bf16")]
+    else:
+        rows = [AsrJob("moshi_mlx", "2.6b", bits=4), AsrJob("torch", "2.6b", dtype="bf16")]
+    for job in rows:
+        job.torch_device = torch_device
+    return rows
 
 
 def run(args) -> int:
     rows = []
     shapes = ["1b"] + ([] if args.no_7b else ["2.6b"])
     for shape in shapes:
-        for job in rows_for(shape):
+        for job in rows_for(shape, args.torch_device):
             job.seconds, job.audio = args.seconds, str(args.audio or "")
             print(f"running {job.impl} {job.label} batch {job.batch} …", file=sys.stderr)
             res = run_job(job)
-            res.update(impl="moshi (PyTorch)" if job.impl == "torch" else "moshi_mlx", config=job.label,
+            res.update(impl=impl_name(job), config=job.label,
                        batch=job.batch)
             rows.append(res)
+            print("  " + format_table([res]).splitlines()[2], file=sys.stderr)  # each row as it is measured
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -28,6 +28,34 @@ def run_job(job) -> dict:
     return {"error": tail[:160]}
 
 
+def mlx_float_dtype() -> str:
+    """The dtype full-precision moshi_mlx rows compute in here (float32 on the CPU backend,
+    bfloat16 on a GPU; MOSHI_MLX_DTYPE overrides), as rows label it."""
+    import mlx.core as mx
+
+    from moshi_mlx.quantize import compute_dtype
+
+    return {mx.float32: "fp32", mx.bfloat16: "bf16", mx.float16: "fp16"}[compute_dtype()]
+
+
+def impl_name(job) -> str:
+    """A row's implementation column: where it ran when that is not the CPU."""
+    if getattr(job, "uses_moshi_mlx", True):
+        import mlx.core as mx
+
+        return "moshi_mlx" if mx.default_device() == mx.cpu else "moshi_mlx (MLX gpu)"
+    device = getattr(job, "torch_device", "cpu")
+    return "moshi (PyTorch)" if device == "cpu" else f"moshi (PyTorch, {device})"
+
+
+def sync_torch(device: str) -> None:
+    """Wait for a GPU's queued work, so that a timer read next counts it."""
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def peak_rss_mb() -> float:
     import resource
 

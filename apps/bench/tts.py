@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import peak_rss_mb, run_job, table
+from .common import impl_name, mlx_float_dtype, peak_rss_mb, run_job, sync_torch, table
 
 TEXT = ("In the heart of an ancient forest, where the trees whispered secrets of the past, there lived a "
         "peculiar rabbit named Loona. She spent her days listening to the wind and counting the leaves that fell "
@@ -48,8 +48,9 @@ AHEAD = 2  # tts_config.second_stream_ahead
 class TtsJob:
     impl: str  # "moshi_mlx" or "torch"
     bits: int = 0  # moshi_mlx quantization (0 = full precision)
-    dtype: str = "fp32"  # torch: "fp32" or "bf16"
+    dtype: str = "fp32"  # "fp32" or "bf16": torch's; moshi_mlx's full precision (the label only)
     seconds: float = 10.0  # audio to generate (the text is long enough)
+    torch_device: str = "cpu"
 
     @property
     def uses_moshi_mlx(self) -> bool:
@@ -137,16 +138,17 @@ def _bench_torch(job: TtsJob) -> dict:
 
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
-    mimi = get_mimi(None, device="cpu")
+    device = job.torch_device
+    mimi = get_mimi(None, device=device)
     mimi.set_num_codebooks(32)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job.dtype]
-    lm = get_moshi_lm(None, lm_kwargs=copy.deepcopy(tts_kwargs()), device="cpu", dtype=dtype).eval()
+    lm = get_moshi_lm(None, lm_kwargs=copy.deepcopy(tts_kwargs()), device=device, dtype=dtype).eval()
     load_s = time.perf_counter() - t0
     machine = StateMachine(TokenIds(8001), second_stream_ahead=AHEAD, max_padding=8, initial_padding=2)
     tts = TTSModel(lm=lm, mimi=mimi, tokenizer=_Tokenizer(), voice_suffix="", voice_repo="", machine=machine,
                    delay_steps=DELAY_STEPS, temp=0.6)
-    voice = torch.from_numpy(np.tile(_voice(), (5, 1)))[None]
-    mask = torch.zeros(1, 5 * 125, dtype=torch.bool)
+    voice = torch.from_numpy(np.tile(_voice(), (5, 1)))[None].to(device)
+    mask = torch.zeros(1, 5 * 125, dtype=torch.bool, device=device)
     mask[:, :125] = True
     attrs = ConditionAttributes(text={"control": "ok", "cfg": "2.0"},
                                 tensor={"speaker_wavs": TensorCondition(voice, mask)})
@@ -156,6 +158,7 @@ def _bench_torch(job: TtsJob) -> dict:
     def on_frame(frame):  # decode as the streaming scripts do
         if (frame[:, 1:] >= 0).all():
             tts.mimi.decode(frame[:, 1:])
+            sync_torch(device)  # audio that is ready to play
             times["frames"] += 1
             if times["first"] is None:
                 times["first"] = time.perf_counter() - times["t1"]
@@ -170,26 +173,32 @@ def _bench_torch(job: TtsJob) -> dict:
     times["t1"] = time.perf_counter()
     with tts.mimi.streaming(1):
         tts.generate([entries], [attrs], on_frame=on_frame)
+    sync_torch(device)
     elapsed = time.perf_counter() - times["t1"]
     return {"elapsed_s": elapsed, "steps": steps, "audio_s": times["frames"] * 0.08, "first_audio_s": times["first"],
             "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
 
 
-ROWS = [TtsJob("moshi_mlx"), TtsJob("moshi_mlx", bits=8), TtsJob("moshi_mlx", bits=4), TtsJob("torch"),
-        TtsJob("torch", dtype="bf16")]
+def rows(torch_device: str = "cpu") -> list[TtsJob]:
+    jobs = [TtsJob("moshi_mlx", dtype=mlx_float_dtype()), TtsJob("moshi_mlx", bits=8), TtsJob("moshi_mlx", bits=4),
+            TtsJob("torch"), TtsJob("torch", dtype="bf16")]
+    for job in jobs:
+        job.torch_device = torch_device
+    return jobs
 
 
 def run(args) -> int:
-    rows = []
-    for job in ROWS:
+    rows_out = []
+    for job in rows(args.torch_device):
         job.seconds = args.seconds
         print(f"running {job.impl} {job.label} …", file=sys.stderr)
         res = run_job(job)
-        res.update(impl="moshi (PyTorch)" if job.impl == "torch" else "moshi_mlx", config=job.label)
-        rows.append(res)
-    print(format_table(rows))
+        res.update(impl=impl_name(job), config=job.label)
+        rows_out.append(res)
+        print("  " + format_table([res]).splitlines()[2], file=sys.stderr)  # each row as it is measured
+    print(format_table(rows_out))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(rows_out, indent=2) + "\n")
     return 0
 
 
