@@ -433,37 +433,35 @@ def test_file_chat_progress_and_ctrl_c_keeps_the_audio(tmp_path, chat_model_dir)
     assert no_partial_files(tmp_path)
 
 
+def _bench_refusal(*args: str) -> str:
+    """`moshi-mlx bench ARGS…`'s stderr, checked to be a one-line usage error and nothing else."""
+    proc = subprocess.run([sys.executable, "-m", "moshi_mlx", "bench", *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+    return proc.stderr
+
+
 def test_bench_only_unknown_is_refused():
     """`bench mimi --only bogus` used to exit 0 with an empty table."""
-    proc = subprocess.run([sys.executable, "-m", "moshi_mlx", "bench", "mimi", "--only", "bogus"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: ") and "bogus" in proc.stderr and "moshi_mlx" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+    err = _bench_refusal("mimi", "--only", "bogus")
+    assert "bogus" in err and "moshi_mlx" in err
 
 
 def test_bench_torch_device_outside_asr_tts_is_refused():
     """--torch-device moves the PyTorch rows of `bench asr` and `bench tts` only; elsewhere it
     would be silently ignored."""
-    proc = subprocess.run([sys.executable, "-m", "moshi_mlx", "bench", "lm", "--torch-device", "cuda"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: ") and "--torch-device" in proc.stderr and "asr" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+    err = _bench_refusal("lm", "--torch-device", "cuda")
+    assert "--torch-device" in err and "asr" in err
 
 
 def test_bench_rows_say_where_they_ran():
     """On the CPU backend the rows keep their plain names; PyTorch rows on CUDA say so."""
     from moshi_mlx.apps.bench import asr, tts
-
-    cpu_rows = asr.rows_for("1b") + tts.rows()
-    assert {common_impl(j) for j in cpu_rows} == {"moshi_mlx", "moshi (PyTorch)"}
-    assert asr.rows_for("1b")[0].label == "stt-1b fp32"  # full precision is float32 on the CPU backend
-    cuda = [j for j in asr.rows_for("2.6b", "cuda") + tts.rows("cuda") if not j.uses_moshi_mlx]
-    assert cuda and {common_impl(j) for j in cuda} == {"moshi (PyTorch, cuda)"}
-
-
-def common_impl(job) -> str:
     from moshi_mlx.apps.bench.common import impl_name
 
-    return impl_name(job)
+    cpu_rows = asr.rows_for("1b") + tts.rows()
+    assert {impl_name(j) for j in cpu_rows} == {"moshi_mlx", "moshi (PyTorch)"}
+    assert asr.rows_for("1b")[0].label == "stt-1b fp32"  # full precision is float32 on the CPU backend
+    cuda = [j for j in asr.rows_for("2.6b", "cuda") + tts.rows("cuda") if not j.uses_moshi_mlx]
+    assert cuda and {impl_name(j) for j in cuda} == {"moshi (PyTorch, cuda)"}

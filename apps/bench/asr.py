@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import impl_name, mlx_float_dtype, peak_rss_mb, run_job, sync_torch, table
+from .common import impl_name, mlx_float_dtype, peak_rss_mb, print_row, run_job, sync_torch, table
 
 # Kyutai's STT model shapes (config.json of kyutai/stt-1b-en_fr and stt-2.6b-en).
 SHAPES = {
@@ -179,7 +179,7 @@ def run(args) -> int:
             res.update(impl=impl_name(job), config=job.label,
                        batch=job.batch)
             rows.append(res)
-            print("  " + format_table([res]).splitlines()[2], file=sys.stderr)  # each row as it is measured
+            print_row(format_table([res]))
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -56,6 +56,12 @@ def sync_torch(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def print_row(table_text: str) -> None:
+    """A one-row table's row, on stderr: each measurement shown as it is made (a run stopped
+    midway keeps what it measured)."""
+    print("  " + table_text.splitlines()[2], file=sys.stderr)
+
+
 def peak_rss_mb() -> float:
     import resource
 

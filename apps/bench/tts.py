@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import impl_name, mlx_float_dtype, peak_rss_mb, run_job, sync_torch, table
+from .common import impl_name, mlx_float_dtype, peak_rss_mb, print_row, run_job, sync_torch, table
 
 TEXT = ("In the heart of an ancient forest, where the trees whispered secrets of the past, there lived a "
         "peculiar rabbit named Loona. She spent her days listening to the wind and counting the leaves that fell "
@@ -195,7 +195,7 @@ def run(args) -> int:
         res = run_job(job)
         res.update(impl=impl_name(job), config=job.label)
         rows_out.append(res)
-        print("  " + format_table([res]).splitlines()[2], file=sys.stderr)  # each row as it is measured
+        print_row(format_table([res]))
     print(format_table(rows_out))
     if args.json:
         Path(args.json).write_text(json.dumps(rows_out, indent=2) + "\n")
