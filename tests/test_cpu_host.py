@@ -103,8 +103,12 @@ def test_host_temporal_steps_match_the_mlx_path_past_the_context(kv_bits, monkey
 @pytest.mark.parametrize("masked", [False, True], ids=["whole-source", "masked-source"])
 def test_host_steps_with_cross_attention_match_the_mlx_path(masked, monkeypatch):
     """The TTS's temporal transformer: RoPE, a wrapping ring, cross-attention to a source
-    (with the mask CFG's null half uses), layer scales."""
+    (with the mask CFG's null half uses), layer scales. With float activations: numpy's
+    LayerNorm rounds differently from MLX's in the last place, and 8-bit activations would turn
+    such differences into whole rounding steps now and then (~1e-3), hiding what this test checks."""
     from moshi_mlx.modules.transformer import Transformer, TransformerConfig
+
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)
 
     mx.random.seed(5)
     cfg = TransformerConfig(d_model=128, num_heads=4, num_layers=2, dim_feedforward=528, context=12,
@@ -162,7 +166,7 @@ def test_host_cache_converts_for_the_mlx_path():
     np.testing.assert_allclose(np.array(values)[:, :, 0], -k, atol=np.abs(k).max() / 254 + 1e-6)
 
 
-def test_spinning_workers_give_the_same_products():
+def test_spinning_workers_give_the_same_products(monkeypatch):
     """Products asked with spin (workers wait awake for the next call) equal those without."""
     mx.random.seed(0)
     w, s, b = mx.quantize(mx.random.normal((512, 256)), group_size=32, bits=4)
@@ -170,8 +174,11 @@ def test_spinning_workers_give_the_same_products():
     plain = kernels.quantized_matmul_host(x, w, s, b, 4, 32)
     for _ in range(20):
         np.testing.assert_array_equal(kernels.quantized_matmul_host(x, w, s, b, 4, 32, spin=True), plain)
+    monkeypatch.setattr(kernels, "INT8_ACTIVATIONS", False)  # MLX's arithmetic, to compare with MLX's op
+    float_activations = kernels.quantized_matmul_host(x, w, s, b, 4, 32, spin=True)
     expected = np.array(mx.quantized_matmul(mx.array(x), w, s, b, transpose=True, group_size=32, bits=4))
-    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float_activations, expected, rtol=1e-4, atol=1e-4)
+    assert np.sqrt(np.mean((plain - expected) ** 2) / np.mean(expected ** 2)) < 0.01  # 8-bit activations
 
 
 def test_host_embedding_rows_equal_mlx_lookups():

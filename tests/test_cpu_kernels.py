@@ -23,22 +23,56 @@ def test_kernel_is_built_on_x86_64():
     assert cpu_kernels() is not None, "moshi_mlx.cpu._kernels did not build or this CPU lacks AVX2/FMA"
 
 
-@pytest.mark.parametrize("bits,group,scales", [(4, 32, mx.bfloat16), (4, 64, mx.float32), (4, 128, mx.bfloat16),
-                                                (8, 64, mx.float32), (8, 32, mx.bfloat16)])
-def test_quantized_linear_matches_mlx(bits, group, scales):
-    if cpu_kernels() is None:  # QuantizedLinear would run MLX's op too: nothing to compare
-        pytest.skip("no kernel on this CPU: both sides would be mx.quantized_matmul")
-    mx.random.seed(bits * 1000 + group)
-    layer = QuantizedLinear.from_linear(nn.Linear(384, 1000, bias=True), group, bits)
+def q4x8_reference(x: np.ndarray, w: mx.array, scales: mx.array, biases: mx.array, group: int) -> np.ndarray:
+    """The 4-bit × 8-bit-activation product as `_kernels.c` (section 1b) defines it, in numpy:
+    x rounded to int8 per group exactly as the kernel rounds it, the rest in float64."""
+    x = np.asarray(x, np.float32)
+    (M, K), N = x.shape, w.shape[0]
+    G = K // group
+    nibbles = np.array(w).view(np.uint8)  # [N, K / 2]: element 2i low, 2i + 1 high
+    q = np.empty((N, K), np.int64)
+    q[:, 0::2], q[:, 1::2] = nibbles & 15, nibbles >> 4
+    xg = x.reshape(M, G, group)
+    a = np.abs(xg).max(-1)
+    d = (a / np.float32(127)).astype(np.float32)
+    inv = np.where(a > 0, np.float32(127) / np.where(a > 0, a, np.float32(1)), np.float32(0)).astype(np.float32)
+    xq = np.rint(xg * inv[..., None]).astype(np.int64)  # float32 product, rounded to even
+    dots = np.einsum("mgi,ngi->mng", xq, q.reshape(N, G, group))  # exact integers
+    sums = xg.astype(np.float64).sum(-1)
+    residual = sums - d * xq.sum(-1)
+    sc, bi = (np.array(t.astype(mx.float32)).astype(np.float64) for t in (scales, biases))
+    return (np.einsum("ng,mng->mn", sc, d[:, None, :] * dots + 7.5 * residual[:, None, :])
+            + np.einsum("ng,mg->mn", bi, sums))
+
+
+def _layer(bits: int, group: int, scales, k: int = 384) -> QuantizedLinear:
+    mx.random.seed(bits * 1000 + group + k)
+    layer = QuantizedLinear.from_linear(nn.Linear(k, 1000, bias=True), group, bits)
     layer.scales, layer.biases = layer.scales.astype(scales), layer.biases.astype(scales)
     layer.bias = mx.random.normal((1000,))
     mx.eval(layer.parameters())
+    return layer
+
+
+def _mlx_product(layer: QuantizedLinear, x: mx.array) -> mx.array:
+    return mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
+                               group_size=layer.group_size, bits=layer.bits) + layer.bias
+
+
+@pytest.mark.parametrize("bits,group,scales", [(4, 32, mx.bfloat16), (4, 64, mx.float32), (4, 128, mx.bfloat16),
+                                                (8, 64, mx.float32), (8, 32, mx.bfloat16)])
+def test_quantized_linear_matches_mlx(bits, group, scales, monkeypatch):
+    """With float activations (8-bit weights always; 4-bit with MOSHI_MLX_INT8_ACTIVATIONS=0)
+    the kernel is MLX's arithmetic in another summation order."""
+    if cpu_kernels() is None:  # QuantizedLinear would run MLX's op too: nothing to compare
+        pytest.skip("no kernel on this CPU: both sides would be mx.quantized_matmul")
+    monkeypatch.setattr(cpu, "INT8_ACTIVATIONS", False)
+    layer = _layer(bits, group, scales)
     for rows in range(1, KERNEL_MAX_ROWS + 2):  # the last one goes through MLX's op
         x = mx.random.normal((rows, 1, 384))
         used = cpu.quantized_matmul(x, layer.weight, layer.scales, layer.biases, bits, group) is not None
         assert used == (rows <= KERNEL_MAX_ROWS and cpu_kernels() is not None)
-        want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
-                                   group_size=group, bits=bits) + layer.bias
+        want = _mlx_product(layer, x)
         got = layer(x)
         assert got.shape == want.shape == (rows, 1, 1000)
         # Same arithmetic in another summation order: float32 rounding of a 384-term sum.
@@ -47,6 +81,52 @@ def test_quantized_linear_matches_mlx(bits, group, scales):
         if used:  # each row exactly as alone: batched transcription relies on it
             alone = np.concatenate([np.array(layer(x[i:i + 1])) for i in range(rows)])
             np.testing.assert_array_equal(np.array(got), alone)
+
+
+@pytest.mark.parametrize("group,scales,k", [(32, mx.bfloat16, 384), (64, mx.float32, 384), (128, mx.bfloat16, 384),
+                                             (64, mx.bfloat16, 1024)])  # tails of < 8 groups; whole chunks
+def test_4bit_product_with_8bit_activations(group, scales, k):
+    """The default 4-bit product: the arithmetic `_kernels.c` documents (section 1b), to float32
+    rounding; each row of a batch exactly as alone; and close to MLX's float product: its
+    rounding noise adds under 1% to 4-bit weights' own error."""
+    if cpu_kernels() is None:
+        pytest.skip("no kernel on this CPU")
+    assert cpu.INT8_ACTIVATIONS  # the default (MOSHI_MLX_INT8_ACTIVATIONS unset)
+    layer = _layer(4, group, scales, k)
+    noise = []
+    for rows in range(1, KERNEL_MAX_ROWS + 1):
+        x = mx.random.normal((rows, 1, k))
+        got = np.array(layer(x))[:, 0]
+        want = q4x8_reference(np.array(x)[:, 0], layer.weight, layer.scales, layer.biases, group) + np.array(layer.bias)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < 2e-6, (rows, err)
+        alone = np.concatenate([np.array(layer(x[i:i + 1]))[:, 0] for i in range(rows)])
+        np.testing.assert_array_equal(got, alone)
+        noise.append(got - np.array(_mlx_product(layer, x))[:, 0])
+    scale = np.array(_mlx_product(layer, mx.random.normal((64, k))))
+    rel = np.sqrt(np.mean(np.concatenate(noise) ** 2) / np.mean(scale ** 2))
+    assert rel < 0.01, f"8-bit activations moved the product by {rel:.2%} (rms, relative)"
+
+
+def test_8bit_activations_add_little_to_4bit_error():
+    """Against the unquantized weights, 4-bit weights are off by ~8% (rms); rounding the
+    activations to 8 bits per group adds under 1% of that."""
+    if cpu_kernels() is None:
+        pytest.skip("no kernel on this CPU")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2048, 1024)).astype(np.float32) * 0.02
+    x = rng.standard_normal((8, 1024)).astype(np.float32)
+    q, s, b = mx.quantize(mx.array(w), group_size=32, bits=4)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+
+    def error(act8: bool) -> float:
+        out = np.empty((8, 2048), np.float32)
+        cpu_kernels().quantized_matmul(x, q, s, b, out, 8, 2048, 1024, 4, 32, 0, 2, 0, int(act8))
+        return float(np.sqrt(np.mean((out - exact) ** 2) / np.mean(exact ** 2)))
+
+    own, with_int8 = error(False), error(True)
+    assert 0.05 < own < 0.12, own  # what 4-bit weights cost here, so the bound below means something
+    assert with_int8 < 1.01 * own, (own, with_int8)
 
 
 def test_kernel_rejects_bad_buffers():

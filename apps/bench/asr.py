@@ -37,6 +37,7 @@ class AsrJob:
     seconds: float = 10.0
     audio: str = ""  # a file, or "" for the synthetic default
     torch_device: str = "cpu"
+    float_activations: bool = False  # 4-bit products with float activations (MOSHI_MLX_INT8_ACTIVATIONS=0)
 
     @property
     def uses_moshi_mlx(self) -> bool:
@@ -44,7 +45,8 @@ class AsrJob:
 
     @property
     def label(self) -> str:
-        return f"stt-{self.shape} {'q%d' % self.bits if self.bits else self.dtype}"
+        label = f"stt-{self.shape} {'q%d' % self.bits if self.bits else self.dtype}"
+        return label + " float act." if self.float_activations else label
 
     def run(self) -> dict:
         pcm = _audio(self.audio, self.seconds)
@@ -93,6 +95,10 @@ def build_stt(shape: str, bits: int):
 def _bench_mlx(job: AsrJob, pcm: np.ndarray) -> dict:
     import time
 
+    from moshi_mlx.cpu import kernels
+
+    if job.float_activations:
+        kernels.INT8_ACTIVATIONS = False
     t0 = time.perf_counter()
     stt = build_stt(job.shape, job.bits)
     load_s = time.perf_counter() - t0
@@ -156,11 +162,17 @@ def _bench_torch(job: AsrJob, pcm: np.ndarray) -> dict:
 
 
 def rows_for(shape: str, torch_device: str = "cpu") -> list[AsrJob]:
+    from moshi_mlx.cpu.kernels import kernels_available
+
     mlx = mlx_float_dtype()
     if shape == "1b":
         rows = [AsrJob("moshi_mlx", "1b", dtype=mlx), AsrJob("moshi_mlx", "1b", bits=8),
-                AsrJob("moshi_mlx", "1b", bits=4), AsrJob("moshi_mlx", "1b", batch=8, bits=4), AsrJob("torch", "1b"),
-                AsrJob("torch", "1b", dtype="bf16"), AsrJob("torch", "1b", batch=8, dtype="bf16")]
+                AsrJob("moshi_mlx", "1b", bits=4), AsrJob("moshi_mlx", "1b", batch=8, bits=4)]
+        if kernels_available():  # what the kernel's 8-bit activations gain, in the same run
+            rows += [AsrJob("moshi_mlx", "1b", bits=4, float_activations=True),
+                     AsrJob("moshi_mlx", "1b", batch=8, bits=4, float_activations=True)]
+        rows += [AsrJob("torch", "1b"), AsrJob("torch", "1b", dtype="bf16"),
+                 AsrJob("torch", "1b", batch=8, dtype="bf16")]
     else:
         rows = [AsrJob("moshi_mlx", "2.6b", bits=4), AsrJob("torch", "2.6b", dtype="bf16")]
     for job in rows:

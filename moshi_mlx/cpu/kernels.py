@@ -6,7 +6,10 @@ They are built on x86-64 Linux only and run on MLX's CPU backend only. Each comp
 function returns an `mx.array`, or None for "use MLX's own op": model code keeps one line
 per call site, and on Metal (or any machine without the kernels) it runs plain MLX.
 
-MOSHI_MLX_CPU_KERNELS=0 turns the kernels off.
+MOSHI_MLX_CPU_KERNELS=0 turns the kernels off. The quantized product multiplies 4-bit weights
+by 8-bit activations (rounded per weight group, as llama.cpp does: 2-4x faster, adding ~0.5%
+noise to the outputs, a few percent of 4-bit weights' own error; `_kernels.c`, section 1b);
+MOSHI_MLX_INT8_ACTIVATIONS=0 keeps float activations, MLX's own arithmetic.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 _KERNELS = None
+_OFF = ("0", "off", "no", "false")
+INT8_ACTIVATIONS = os.environ.get("MOSHI_MLX_INT8_ACTIVATIONS", "1").lower() not in _OFF
 CONV_COLS = 16  # output channels per packed weight block (CONV_COLS in _kernels.c)
 QMATMUL_MAX_ROWS = 8  # rows of x the quantized-matmul kernel takes (MAX_ROWS in _kernels.c)
 
@@ -25,7 +30,7 @@ def _module():
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = False
-        if os.environ.get("MOSHI_MLX_CPU_KERNELS", "1").lower() not in ("0", "off", "no", "false"):
+        if os.environ.get("MOSHI_MLX_CPU_KERNELS", "1").lower() not in _OFF:
             try:
                 from . import _kernels as k
             except ImportError:
@@ -41,7 +46,10 @@ def kernels_available() -> bool:
 
 def describe() -> str:
     """One line for `moshi-mlx -v`."""
-    state = "on" if kernels_available() else "off (not built, not x86-64 with AVX2/FMA, or MOSHI_MLX_CPU_KERNELS=0)"
+    if kernels_available():
+        state = "on (4-bit products with %s activations)" % ("8-bit" if INT8_ACTIVATIONS else "float")
+    else:
+        state = "off (not built, not x86-64 with AVX2/FMA, or MOSHI_MLX_CPU_KERNELS=0)"
     return f"CPU kernels (quantized matmul, int8-KV attention, SEANet convolutions, RVQ searches) {state}"
 
 
@@ -87,13 +95,15 @@ def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx
     """x [..., K] · dequantize(weight)ᵀ → [..., N] for 1-8 rows of x (token-by-token
     decoding), or None."""
     rows = x.size // max(1, x.shape[-1])
-    if not (_applies(x) and bits in (4, 8) and group_size % 32 == 0 and 1 <= rows <= QMATMUL_MAX_ROWS
+    if not (_applies(x) and bits in (4, 8) and group_size in (32, 64, 128) and 1 <= rows <= QMATMUL_MAX_ROWS
             and scales.dtype in (mx.bfloat16, mx.float32) and biases.dtype == scales.dtype):
         return None
     N, K = weight.shape[0], x.shape[-1]
-    y = _run(_module().quantized_matmul, [x.reshape(rows, K), weight, scales, biases], (rows, N),
-             rows, N, K, bits, group_size, int(scales.dtype == mx.bfloat16))
-    return y.reshape(*x.shape[:-1], N)
+    arrays = _evaluated([x.reshape(rows, K), weight, scales, biases])
+    out = np.empty((rows, N), np.float32)
+    _module().quantized_matmul(*arrays, out, rows, N, K, bits, group_size, int(scales.dtype == mx.bfloat16),
+                               threads(), 0, int(INT8_ACTIVATIONS))
+    return mx.array(out).reshape(*x.shape[:-1], N)
 
 
 def quantized_matmul_host(x: np.ndarray, weight: mx.array, scales: mx.array, biases: mx.array, bits: int,
@@ -112,7 +122,7 @@ def quantized_matmul_host(x: np.ndarray, weight: mx.array, scales: mx.array, bia
     for r in range(0, rows, QMATMUL_MAX_ROWS):
         n = min(QMATMUL_MAX_ROWS, rows - r)
         _module().quantized_matmul(x[r:r + n], weight, scales, biases, out[r:r + n], n, N, K, bits, group_size,
-                                   bf16, threads(), spin_us)
+                                   bf16, threads(), spin_us, int(INT8_ACTIVATIONS))
     return out
 
 
@@ -121,7 +131,7 @@ SPIN_US = 200  # how long the kernel's workers wait awake for a host step's next
 
 def host_products_apply(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> bool:
     """Whether quantized_matmul_host can run this quantized weight."""
-    return (mx.default_device() == mx.cpu and _module() is not None and bits in (4, 8) and group_size % 32 == 0
+    return (mx.default_device() == mx.cpu and _module() is not None and bits in (4, 8) and group_size in (32, 64, 128)
             and scales.dtype in (mx.bfloat16, mx.float32) and biases.dtype == scales.dtype)
 
 
