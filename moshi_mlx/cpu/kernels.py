@@ -7,8 +7,8 @@ function returns an `mx.array`, or None for "use MLX's own op": model code keeps
 per call site, and on Metal (or any machine without the kernels) it runs plain MLX.
 
 MOSHI_MLX_CPU_KERNELS=0 turns the kernels off. The quantized product multiplies 4-bit weights
-by 8-bit activations (rounded per weight group, as llama.cpp does: 2-3x faster, adding ~0.5%
-noise to the outputs, a few percent of 4-bit weights' own error; `_kernels.c`, section 1b);
+by 8-bit activations (rounded per weight group, as llama.cpp does: 2-3x faster; ~0.5% of noise
+on the outputs makes 4-bit weights' own error ~0.2% larger; `_kernels.c`, section 1b);
 MOSHI_MLX_INT8_ACTIVATIONS=0 keeps float activations, MLX's own arithmetic.
 """
 from __future__ import annotations
