@@ -208,10 +208,11 @@ TARGET static void quantize_rows(const float *x, int M, int K, int group, int G8
     /* within each 16-byte half, dwords (r, h): even elements of 8r..8r+7, then odd ones */
     const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15,
                                            0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
-    memset(xq, 0, (size_t)M * G8 * group);
-    memset(xd, 0, sizeof(float) * (size_t)M * G8);  /* groups beyond G stay zero */
-    memset(xr, 0, sizeof(float) * (size_t)M * G8);
-    memset(xs, 0, sizeof(float) * (size_t)M * G8);
+    if (G8 > G) {  /* the last chunk's missing groups must read as zeros */
+        memset(xq, 0, (size_t)M * G8 * group);
+        for (int m = 0; m < M; m++)
+            for (int g = G; g < G8; g++) xd[(long)m * G8 + g] = xr[(long)m * G8 + g] = xs[(long)m * G8 + g] = 0.0f;
+    }
     for (int m = 0; m < M; m++)
         for (int g = 0; g < G; g++) {
             const float *xg = x + (long)m * K + (long)g * group;
@@ -996,8 +997,9 @@ static PyObject *quantized_matmul(PyObject *self, PyObject *args) {
     if (!xp) { PyErr_NoMemory(); goto done; }
     float *xsum = xp + (size_t)M * K;
     int8_t *xq = (int8_t *)(xp + floats);
+    float *xd = xp, *xr = xp + (size_t)M * G8, *xs = xp + 2 * (size_t)M * G8;  /* act8 only */
     if (act8) {
-        quantize_rows(x, M, K, group, (int)G8, xq, xp, xp + (size_t)M * G8, xp + 2 * (size_t)M * G8);
+        quantize_rows(x, M, K, group, (int)G8, xq, xd, xr, xs);
     } else {
         for (int m = 0; m < M; m++) {
             if (bits == 4) permute_x(x + (long)m * K, xp + (long)m * K, K);
@@ -1016,10 +1018,7 @@ static PyObject *quantized_matmul(PyObject *self, PyObject *args) {
     for (int t = 0; t < threads; t++) {
         jobs[t] = (Job){xp, xsum, b[1].buf, b[2].buf, b[3].buf, b[4].buf, M, N, K, bits, group, bf16,
                         (int)((long)N * t / threads), (int)((long)N * (t + 1) / threads)};
-        if (act8) {
-            jobs[t].act8 = 1, jobs[t].G8 = (int)G8, jobs[t].xq = xq;
-            jobs[t].xd = xp, jobs[t].xr = xp + (size_t)M * G8, jobs[t].xs = xp + 2 * (size_t)M * G8;
-        }
+        if (act8) jobs[t].act8 = 1, jobs[t].G8 = (int)G8, jobs[t].xq = xq, jobs[t].xd = xd, jobs[t].xr = xr, jobs[t].xs = xs;
     }
     Py_BEGIN_ALLOW_THREADS
     run_parallel(thread_main, jobs, sizeof(Job), threads, 1000L * spin_us);

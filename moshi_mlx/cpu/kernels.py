@@ -80,11 +80,12 @@ def _evaluated(arrays: list) -> list:
     return out
 
 
-def _run(fn, arrays: list, out_shape: tuple[int, ...], *sizes) -> mx.array:
-    """Run a kernel on inputs (None passes through) into a new float32 array."""
+def _run(fn, arrays: list, out_shape: tuple[int, ...], *sizes, after_threads: tuple = ()) -> mx.array:
+    """Run a kernel on inputs (None passes through) into a new float32 array; its optional
+    arguments after the thread count in `after_threads`."""
     arrays = _evaluated(arrays)
     out = np.empty(out_shape, np.float32)
-    fn(*arrays, out, *sizes, threads())
+    fn(*arrays, out, *sizes, threads(), *after_threads)
     return mx.array(out)
 
 
@@ -99,11 +100,10 @@ def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: mx
             and scales.dtype in (mx.bfloat16, mx.float32) and biases.dtype == scales.dtype):
         return None
     N, K = weight.shape[0], x.shape[-1]
-    arrays = _evaluated([x.reshape(rows, K), weight, scales, biases])
-    out = np.empty((rows, N), np.float32)
-    _module().quantized_matmul(*arrays, out, rows, N, K, bits, group_size, int(scales.dtype == mx.bfloat16),
-                               threads(), 0, int(INT8_ACTIVATIONS))
-    return mx.array(out).reshape(*x.shape[:-1], N)
+    y = _run(_module().quantized_matmul, [x.reshape(rows, K), weight, scales, biases], (rows, N),
+             rows, N, K, bits, group_size, int(scales.dtype == mx.bfloat16),
+             after_threads=(0, int(INT8_ACTIVATIONS)))  # no spin; 8-bit activations or not
+    return y.reshape(*x.shape[:-1], N)
 
 
 def quantized_matmul_host(x: np.ndarray, weight: mx.array, scales: mx.array, biases: mx.array, bits: int,
