@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -287,7 +288,6 @@ def test_convert_q8_quantizes_cross_attention_and_keeps_conditioners(tts_model_d
 
 
 def test_cli_ctrl_c_keeps_what_was_produced(tts_model_dir, tmp_path):
-    import time
 
     from conftest import interrupt
 
