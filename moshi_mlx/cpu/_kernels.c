@@ -248,22 +248,36 @@ TARGET static void quantize_rows(const float *x, int M, int K, int group, int G8
         }
 }
 
-/* Rows n0..n1 of y for M rows (compile-time, ≤ MAX_ROWS) and BPG 32-blocks per group. */
-TARGET static inline __attribute__((always_inline)) void run_rows_q4x8(const Job *j, const int M, const int BPG) {
-    const int G = j->K / (32 * BPG), G8 = j->G8, chunks = G8 / 8, row_bytes = j->K / 2;
+/* Rows n0..n1 of y for the job's M rows, BPG 32-blocks per group (compile-time). The eight
+   unpacked weight vectors of a block stay in registers while every row meets them; each row's
+   integer and float sums live in small L1 arrays (one load and store per row and chunk): with
+   M a compile-time constant the compiler kept them in registers and spilled the weights and
+   loop variables instead (see BENCHMARKS.md). The weights are prefetched a few outputs ahead,
+   which the hardware prefetcher alone did not do early enough. */
+TARGET static inline __attribute__((always_inline)) void run_rows_q4x8(const Job *j, const int ONE_ROW,
+                                                                       const int BPG) {
+    const int M = ONE_ROW ? 1 : j->M, G = j->K / (32 * BPG), G8 = j->G8, chunks = G8 / 8, row_bytes = j->K / 2;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const long ahead = (long)row_bytes * (M >= 4 ? 2 : 8);
+    __m256 acc[MAX_ROWS];
+    __m256i isum[MAX_ROWS];
     for (int n = j->n0; n < j->n1; n++) {
         const uint8_t *wr = j->w + (long)n * row_bytes;
-        __m256 acc[MAX_ROWS];
         for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
         for (int c = 0; c < chunks; c++) {
             const int g0 = 8 * c, full = g0 + 8 <= G;
-            __m256i isum[MAX_ROWS];
-            for (int m = 0; m < M; m++) isum[m] = _mm256_setzero_si256();
             for (int b = 0; b < BPG; b++) {
                 const __m128i *p[8];
-                for (int l = 0; l < 8; l++)
-                    p[l] = (const __m128i *)(full || g0 + l < G ? wr + (long)(g0 + l) * BPG * 16 + b * 16 : zero_block);
+                if (full) {  /* the chunk's 8 blocks b are BPG·16 bytes apart */
+                    const uint8_t *base = wr + (long)g0 * BPG * 16 + b * 16;
+                    if (b == 0)  /* the same chunk of an output ahead */
+                        for (int i = 0; i < BPG * 128; i += 64)
+                            _mm_prefetch((const char *)(base + ahead + i), _MM_HINT_T0);
+                    for (int l = 0; l < 8; l++) p[l] = (const __m128i *)(base + l * BPG * 16);
+                } else {
+                    for (int l = 0; l < 8; l++)
+                        p[l] = (const __m128i *)(g0 + l < G ? wr + (long)(g0 + l) * BPG * 16 + b * 16 : zero_block);
+                }
                 /* 4 × 8 dword transpose: T[r] lane l = dword r of group g0 + l's block b */
 #define PAIR(a, b) _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(a)), _mm_loadu_si128(b), 1)
                 const __m256i L0 = PAIR(p[0], p[4]), L1 = PAIR(p[1], p[5]), L2 = PAIR(p[2], p[6]), L3 = PAIR(p[3], p[7]);
@@ -277,13 +291,14 @@ TARGET static inline __attribute__((always_inline)) void run_rows_q4x8(const Job
                     W[2 * r] = _mm256_and_si256(T[r], low);
                     W[2 * r + 1] = _mm256_and_si256(_mm256_srli_epi16(T[r], 4), low);
                 }
-                for (int m = 0; m < M; m++) {
-                    const int8_t *xm = j->xq + xq_offset(m, chunks, BPG, g0, b, 0);
+                const int8_t *xm = j->xq + xq_offset(0, chunks, BPG, g0, b, 0);
+                const long row_stride = (long)chunks * BPG * 256;  /* xq_offset(m + 1, …) − xq_offset(m, …) */
+                for (int m = 0; m < M; m++, xm += row_stride) {
                     __m256i s16 = _mm256_maddubs_epi16(W[0], _mm256_loadu_si256((const __m256i *)xm));
                     for (int k = 1; k < 8; k++)
                         s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(W[k], _mm256_loadu_si256((const __m256i *)(xm + 32 * k))));
                     const __m256i s32 = _mm256_madd_epi16(s16, ones);
-                    isum[m] = _mm256_add_epi32(isum[m], s32);
+                    isum[m] = b == 0 ? s32 : _mm256_add_epi32(isum[m], s32);
                 }
             }
             __m256 scale, bias;
@@ -310,20 +325,12 @@ TARGET static inline __attribute__((always_inline)) void run_rows_q4x8(const Job
 }
 
 TARGET static void run_job_q4x8(const Job *j) {
-    const int bpg = j->group / 32;
-#define ROWS_Q4X8(M) do { if (bpg == 1) run_rows_q4x8(j, M, 1); else if (bpg == 2) run_rows_q4x8(j, M, 2); \
-                          else run_rows_q4x8(j, M, 4); } while (0)
-    switch (j->M) {
-    case 1: ROWS_Q4X8(1); break;
-    case 2: ROWS_Q4X8(2); break;
-    case 3: ROWS_Q4X8(3); break;
-    case 4: ROWS_Q4X8(4); break;
-    case 5: ROWS_Q4X8(5); break;
-    case 6: ROWS_Q4X8(6); break;
-    case 7: ROWS_Q4X8(7); break;
-    default: ROWS_Q4X8(8); break;
+    const int one = j->M == 1;
+    switch (j->group / 32) {
+    case 1: if (one) run_rows_q4x8(j, 1, 1); else run_rows_q4x8(j, 0, 1); break;
+    case 2: if (one) run_rows_q4x8(j, 1, 2); else run_rows_q4x8(j, 0, 2); break;
+    default: if (one) run_rows_q4x8(j, 1, 4); else run_rows_q4x8(j, 0, 4); break;
     }
-#undef ROWS_Q4X8
 }
 
 TARGET static void run_job(const Job *j) {
