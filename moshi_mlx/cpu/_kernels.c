@@ -820,10 +820,11 @@ static int next_pass(const Conv *g, int *k0, int *k1, int *c0, int *c1) {
     return 1;
 }
 
-/* n output rows, channel blocks [ob0, ob1): src holds their input rows (row 0 is output row
-   0's first tap), y and res (or NULL) their rows with a stride of Cout. */
-TARGET static void conv_rows(const Conv *g, const float *src, int n, float *y, const float *res, int ob0, int ob1,
-                             int avx512) {
+/* n output rows, channel blocks [ob0, ob1): src[m] is output row m's first input row (its
+   first tap; the next taps follow, D rows apart), y and res (or NULL) their rows with a
+   stride of Cout. */
+TARGET static void conv_rows(const Conv *g, const float *const *src, int n, float *y, const float *res, int ob0,
+                             int ob1, int avx512) {
     const int Cin = g->Cin, Cout = g->Cout;
     const long KC = (long)g->K * Cin;
     const int rows_per_tile = avx512 ? CONV_ROWS_512 : CONV_ROWS;
@@ -840,7 +841,7 @@ TARGET static void conv_rows(const Conv *g, const float *src, int n, float *y, c
                 const float *xr[CONV_ROWS_512], *rr[CONV_ROWS_512];
                 float *yr[CONV_ROWS_512];
                 for (int m = 0; m < M; m++) {
-                    xr[m] = src + (long)(t + m) * g->S * Cin;
+                    xr[m] = src[t + m];
                     rr[m] = res ? res + (long)(t + m) * Cout + col : NULL;
                     yr[m] = y + (long)(t + m) * Cout + col;
                 }
@@ -861,39 +862,55 @@ typedef struct {
     int failed;
 } ConvJob;
 
+/* A block gathers the input rows of up to block_rows output rows, of one batch item or of
+   several: streaming steps have few rows per item (2 in Mimi's transformer), and a block per
+   item would stream the weights from memory once per item. */
 TARGET static void conv_job(ConvJob *j) {
     const Conv *g = &j->conv[0];
     const int span = (g->K - 1) * g->D + 1, C = g->Cin;
     const int hidden = j->stages == 2 ? g->Cout : 0;
-    float *buf = malloc(sizeof(float) * ((size_t)((j->block_rows - 1) * g->S + span) * C
-                                         + (size_t)j->block_rows * hidden));
-    if (!buf) {
+    const long capacity = (long)(j->block_rows - 1) * g->S + span;  /* input rows in buf */
+    float *buf = malloc(sizeof(float) * ((size_t)capacity * C + (size_t)j->block_rows * hidden));
+    const float **rows = malloc(sizeof(float *) * 2 * (size_t)j->block_rows);
+    if (!buf || !rows) {
+        free(buf), free(rows);
         j->failed = 1;
         return;
     }
-    float *hbuf = buf + (size_t)((j->block_rows - 1) * g->S + span) * C;
+    float *hbuf = buf + (size_t)capacity * C;
+    const float **hrows = rows + j->block_rows;
+    for (int m = 0; m < j->block_rows; m++) hrows[m] = hbuf + (long)m * hidden;
+    const int Cout = j->conv[j->stages - 1].Cout;
     for (long r = j->r0; r < j->r1;) {
-        const long b = r / j->T_out;
-        const int t0 = (int)(r % j->T_out);
-        int t1 = t0 + j->block_rows;
-        if (t1 > j->T_out) t1 = j->T_out;
-        if (t1 - t0 > j->r1 - r) t1 = t0 + (int)(j->r1 - r);
-        const int n = t1 - t0;
-        const float *xb = j->x + (long)b * j->T * C;
-        gather_rows(j->prev ? j->prev + (long)b * j->ctx * C : NULL, j->ctx, xb, C, (long)t0 * g->S,
-                    (long)(n - 1) * g->S + span, j->act, buf);
-        float *y = j->y + (b * j->T_out + t0) * (long)j->conv[j->stages - 1].Cout;
-        if (j->stages == 1) {
-            conv_rows(g, buf, n, y, NULL, j->ob0, j->ob1, j->avx512);
-        } else { /* x + conv_k1(elu(conv(elu(in)))): output row t's residual is x row t */
-            const Conv *g2 = &j->conv[1];
-            conv_rows(g, buf, n, hbuf, NULL, 0, (hidden + CONV_COLS - 1) / CONV_COLS, j->avx512);
-            activate(hbuf, hbuf, (long)n * hidden, 1);
-            conv_rows(g2, hbuf, n, y, xb + (long)t0 * C, 0, (g2->Cout + CONV_COLS - 1) / CONV_COLS, j->avx512);
+        const long first = r;
+        long used = 0;  /* input rows gathered */
+        int n = 0;      /* output rows */
+        while (r < j->r1 && n < j->block_rows) {
+            const long b = r / j->T_out;
+            const int t0 = (int)(r % j->T_out);
+            long t1 = t0 + (j->block_rows - n);
+            if (t1 > j->T_out) t1 = j->T_out;
+            if (t1 - t0 > j->r1 - r) t1 = t0 + (j->r1 - r);
+            const long fit = (capacity - used - span) / g->S + 1;  /* rows whose inputs still fit */
+            if (fit < 1) break;
+            if (t1 - t0 > fit) t1 = t0 + fit;
+            const long need = (t1 - t0 - 1) * g->S + span;
+            gather_rows(j->prev ? j->prev + b * j->ctx * C : NULL, j->ctx, j->x + b * j->T * C, C, (long)t0 * g->S,
+                        need, j->act, buf + used * C);
+            for (long t = t0; t < t1; t++) rows[n + t - t0] = buf + (used + (t - t0) * g->S) * C;
+            used += need, n += (int)(t1 - t0), r += t1 - t0;
         }
-        r += n;
+        float *y = j->y + first * Cout;
+        if (j->stages == 1) {
+            conv_rows(g, rows, n, y, NULL, j->ob0, j->ob1, j->avx512);
+        } else { /* x + conv_k1(elu(conv(elu(in)))): output row (b, t)'s residual is x row (b, t) (T_out = T) */
+            const Conv *g2 = &j->conv[1];
+            conv_rows(g, rows, n, hbuf, NULL, 0, (hidden + CONV_COLS - 1) / CONV_COLS, j->avx512);
+            activate(hbuf, hbuf, (long)n * hidden, 1);
+            conv_rows(g2, hrows, n, y, j->x + first * C, 0, (g2->Cout + CONV_COLS - 1) / CONV_COLS, j->avx512);
+        }
     }
-    free(buf);
+    free(buf), free(rows);
 }
 
 static void *conv_thread_main(void *arg) {
