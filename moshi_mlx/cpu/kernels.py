@@ -80,13 +80,17 @@ def _evaluated(arrays: list) -> list:
     return out
 
 
-def _run(fn, arrays: list, out_shape: tuple[int, ...], *sizes, after_threads: tuple = ()) -> mx.array:
-    """Run a kernel on inputs (None passes through) into a new float32 array; its optional
-    arguments after the thread count in `after_threads`."""
-    arrays = _evaluated(arrays)
+def _run_host(fn, arrays: list, out_shape: tuple[int, ...], *sizes, after_threads: tuple = ()) -> np.ndarray:
+    """Run a kernel on evaluated inputs (numpy arrays, evaluated MLX arrays, or None) into a
+    new float32 numpy array; its optional arguments after the thread count in `after_threads`."""
     out = np.empty(out_shape, np.float32)
     fn(*arrays, out, *sizes, threads(), *after_threads)
-    return mx.array(out)
+    return out
+
+
+def _run(fn, arrays: list, out_shape: tuple[int, ...], *sizes, after_threads: tuple = ()) -> mx.array:
+    """_run_host on any inputs, into a new MLX array."""
+    return mx.array(_run_host(fn, _evaluated(arrays), out_shape, *sizes, after_threads=after_threads))
 
 
 # -- quantized matmul ---------------------------------------------------------------------------
@@ -195,17 +199,30 @@ def pack_conv_weight(weight: mx.array) -> np.ndarray:
     return np.ascontiguousarray(p.reshape(m.shape[0], blocks, CONV_COLS).transpose(1, 0, 2))
 
 
+def host_convolutions_apply(x: mx.array) -> bool:
+    """Whether SEANet's layers can run on host buffers (conv1d_host, residual_block_host)."""
+    return _applies(x)
+
+
 def conv1d(previous: mx.array | None, x: mx.array, packed, bias: mx.array | None, c_out: int, kernel_size: int,
            stride: int, dilation: int, elu_input: bool) -> mx.array | None:
     """conv(act(previous ‖ x)) + bias without padding (see modules/conv.valid_conv), or
     None. `packed` is a callable returning `pack_conv_weight(weight)` (made on first use)."""
     if not _applies(x):
         return None
+    return mx.array(conv1d_host(*_evaluated([previous, x]), packed, *_evaluated([bias]), c_out, kernel_size, stride,
+                                dilation, elu_input))
+
+
+def conv1d_host(previous: np.ndarray | None, x: np.ndarray, packed, bias: mx.array | None, c_out: int,
+                kernel_size: int, stride: int, dilation: int, elu_input: bool) -> np.ndarray:
+    """conv1d on host buffers (float32, C-contiguous; bias evaluated), into a numpy array:
+    no MLX evaluation or copy. Only where `host_convolutions_apply`."""
     B, T, C = x.shape
     ctx = 0 if previous is None else previous.shape[1]
     T_out = (ctx + T - (kernel_size - 1) * dilation - 1) // stride + 1
-    return _run(_module().conv1d, [previous, x, packed(), bias], (B, T_out, c_out),
-                B, ctx, T, T_out, C, c_out, kernel_size, stride, dilation, int(elu_input))
+    return _run_host(_module().conv1d, [previous, x, packed(), bias], (B, T_out, c_out),
+                     B, ctx, T, T_out, C, c_out, kernel_size, stride, dilation, int(elu_input))
 
 
 def residual_block(previous: mx.array | None, x: mx.array, packed1, bias1: mx.array | None, packed2,
@@ -214,7 +231,14 @@ def residual_block(previous: mx.array | None, x: mx.array, packed1, bias1: mx.ar
     pass whose hidden activations never leave the cache; or None."""
     if not _applies(x) or x.shape[1] == 0:
         return None
+    previous, x, bias1, bias2 = _evaluated([previous, x, bias1, bias2])
+    return mx.array(residual_block_host(previous, x, packed1, bias1, packed2, bias2, hidden, kernel_size, dilation))
+
+
+def residual_block_host(previous: np.ndarray | None, x: np.ndarray, packed1, bias1: mx.array | None, packed2,
+                        bias2: mx.array | None, hidden: int, kernel_size: int, dilation: int) -> np.ndarray:
+    """residual_block on host buffers, as conv1d_host."""
     B, T, C = x.shape
     ctx = 0 if previous is None else previous.shape[1]
-    return _run(_module().residual_block, [previous, x, packed1(), bias1, packed2(), bias2], (B, T, C),
-                B, ctx, T, C, hidden, kernel_size, dilation)
+    return _run_host(_module().residual_block, [previous, x, packed1(), bias1, packed2(), bias2], (B, T, C),
+                     B, ctx, T, C, hidden, kernel_size, dilation)

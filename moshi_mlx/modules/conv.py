@@ -107,8 +107,8 @@ def _context(x: mx.array, state: ConvState | None, context: int, replicate: bool
     `replicate`), and the state for the next step."""
     if context <= 0:
         return None, state
-    if state is not None:
-        previous = state.previous
+    if state is not None:  # (a host step's state holds a numpy array)
+        previous = state.previous if isinstance(state.previous, mx.array) else mx.array(state.previous)
     elif replicate:
         previous = mx.broadcast_to(x[:, :1], (x.shape[0], context, x.shape[2]))
     else:
@@ -116,6 +116,23 @@ def _context(x: mx.array, state: ConvState | None, context: int, replicate: bool
     T = x.shape[1]
     after = x[:, T - context:] if T >= context else mx.concatenate([previous[:, T:], x], axis=1)
     return previous, ConvState(after)
+
+
+def _context_host(x: np.ndarray, state: ConvState | None, context: int, replicate: bool
+                  ) -> tuple[np.ndarray | None, ConvState | None]:
+    """_context for a host step (numpy buffers): the state keeps a copy of the last rows, not
+    a view that would keep the whole input alive."""
+    if context <= 0:
+        return None, state
+    B, T, C = x.shape
+    if state is not None:
+        previous = np.ascontiguousarray(state.previous, np.float32)  # (an MLX step's state: an MLX array)
+    elif replicate:
+        previous = np.ascontiguousarray(np.broadcast_to(x[:, :1], (B, context, C)))
+    else:
+        previous = np.zeros((B, context, C), np.float32)
+    after = x[:, T - context:] if T >= context else np.concatenate([previous[:, T:], x], axis=1)
+    return previous, ConvState(np.array(after, np.float32, order="C"))
 
 
 class StreamingConv1d(nn.Module):
@@ -163,9 +180,29 @@ class StreamingConv1d(nn.Module):
             return (y + bias if bias is not None else y), state
         return valid_conv(previous, x, self._conv_weight(), self.stride, self.dilation, bias, elu_input), state
 
+    def step_host(self, x: np.ndarray, state: ConvState | None = None, elu_input: bool = False
+                  ) -> tuple[np.ndarray, ConvState | None]:
+        """`step` on host buffers through the CPU kernel (groups 1 only; see seanet.py)."""
+        T = x.shape[1]
+        if T == 0 or T % self.stride:
+            raise ValueError(f"conv input length {T} must be a positive multiple of the stride {self.stride}")
+        previous, state = _context_host(x, state, self.context, self.pad_mode == "replicate")
+        w = self._conv_weight()
+        bias = _evaluated_bias(self)
+        return cpu.conv1d_host(previous, x, w.packed_for_kernel, bias, w.weight.shape[0], self.kernel_size,
+                               self.stride, self.dilation, elu_input), state
+
     def __call__(self, x: mx.array, elu_input: bool = False) -> mx.array:
         """Batch: x [B, T, C_in] → conv(elu(x) if elu_input else x), [B, T / stride, C_out]."""
         return self.step(x, None, elu_input)[0]
+
+
+def _evaluated_bias(conv) -> mx.array | None:
+    """A convolution's bias, evaluated (the kernels read its buffer)."""
+    if "bias" not in conv:
+        return None
+    mx.eval(conv.bias)  # free once evaluated
+    return conv.bias
 
 
 def residual_step(conv1: StreamingConv1d, conv2: StreamingConv1d, x: mx.array, state: ConvState | None
@@ -185,6 +222,16 @@ def residual_step(conv1: StreamingConv1d, conv2: StreamingConv1d, x: mx.array, s
             return y, next_state
     h, state = conv1.step(x, state, elu_input=True)
     return x + conv2.step(h, None, elu_input=True)[0], state
+
+
+def residual_step_host(conv1: StreamingConv1d, conv2: StreamingConv1d, x: np.ndarray, state: ConvState | None
+                       ) -> tuple[np.ndarray, ConvState | None]:
+    """residual_step on host buffers (one kernel call; see seanet.py)."""
+    previous, next_state = _context_host(x, state, conv1.context, conv1.pad_mode == "replicate")
+    w1, w2 = conv1._conv_weight(), conv2._conv_weight()
+    y = cpu.residual_block_host(previous, x, w1.packed_for_kernel, _evaluated_bias(conv1), w2.packed_for_kernel,
+                                _evaluated_bias(conv2), w1.weight.shape[0], conv1.kernel_size, conv1.dilation)
+    return y, next_state
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -259,6 +306,22 @@ class StreamingConvTranspose1d(nn.Module):
                 self._phase_bias = (bias, mx.tile(bias, S))
             bias = self._phase_bias[1]
         y = valid_conv(previous, x, self._conv_weight(), 1, 1, bias, elu_input)
+        return y.reshape(B, T * S, self.out_channels), state
+
+    def step_host(self, x: np.ndarray, state: ConvState | None = None, elu_input: bool = False
+                  ) -> tuple[np.ndarray, ConvState | None]:
+        """`step` on host buffers through the CPU kernel (groups 1 only; see seanet.py)."""
+        B, T, _ = x.shape
+        S, m = self.stride, self.taps
+        previous, state = _context_host(x, state, m - 1, replicate=False)
+        bias = None
+        if "bias" in self:
+            if self._phase_bias is None or self._phase_bias[0] is not self.bias:
+                self._phase_bias = (self.bias, mx.tile(self.bias, S))
+            bias = self._phase_bias[1]
+            mx.eval(bias)
+        w = self._conv_weight()
+        y = cpu.conv1d_host(previous, x, w.packed_for_kernel, bias, w.weight.shape[0], m, 1, 1, elu_input)
         return y.reshape(B, T * S, self.out_channels), state
 
     def __call__(self, x: mx.array, elu_input: bool = False) -> mx.array:
