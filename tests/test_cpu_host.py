@@ -205,6 +205,8 @@ def test_host_embedding_rows_equal_mlx_lookups():
     for k, table in enumerate(tables[:-1]):
         np.testing.assert_array_equal(rows[k], np.array(embed(table, mx.array(tokens[:, k]), mx.float32)), str(k))
     assert not rows[1][0].any()
+    with pytest.raises(ValueError, match="token 300 outside the table's 300 rows"):
+        host.embedding_rows(tables[1:2], np.array([[300]], np.int32))
 
 
 def test_one_step_embeddings_equal_the_mlx_path():

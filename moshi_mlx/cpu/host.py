@@ -91,52 +91,20 @@ def _structure_applies(transformer) -> bool:
     return True
 
 
-def _float32_rows(a: mx.array, rows: np.ndarray) -> np.ndarray:
-    """Rows of an evaluated float32 or bfloat16 MLX array, as float32 (bfloat16 widens exactly)."""
-    if a.dtype == mx.bfloat16:
-        bits = np.frombuffer(memoryview(a).cast("B"), np.uint16).reshape(a.shape)[rows]
-        return (bits.astype(np.uint32) << 16).view(np.float32)
-    return _host(a)[rows]
-
-
-def _round_bfloat16(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    return ((u + (0x7FFF + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)).view(np.float32)
-
-
 def embedding_rows(tables: list, tokens: np.ndarray) -> list[np.ndarray | None]:
     """The rows of each table for its tokens (tokens [B, len(tables)]) as float32 [B, dim], −1
     giving zeros: tables that are float32 `nn.Embedding`s or 4/8-bit `nn.QuantizedEmbedding`s
-    (float32 or bfloat16 scales); None for any other. A step's 33 lookups through MLX cost
-    ~200 small operations (each a dispatch on MLX's CPU backend); here they are row reads,
-    the quantized ones dequantized together, as MLX does: scale · q + bias."""
+    the kernels read (kernels.embedding_rows_host: bitwise MLX's lookups); None for any other.
+    A step's 33 lookups through MLX cost ~200 small operations (each a dispatch on MLX's CPU
+    backend); here they are row reads."""
     out: list[np.ndarray | None] = [None] * len(tables)
-    groups: dict[tuple, list[int]] = {}
     for k, table in enumerate(tables):
         if isinstance(table, nn.QuantizedEmbedding):
-            dtype = table.scales.dtype
-            if table.bits in (4, 8) and dtype in (mx.float32, mx.bfloat16) and table.biases.dtype == dtype:
-                groups.setdefault((table.bits, table.group_size, dtype, table.weight.shape), []).append(k)
+            if kernels.host_products_apply(table.weight, table.scales, table.biases, table.bits, table.group_size):
+                out[k] = kernels.embedding_rows_host(table.weight, table.scales, table.biases, table.bits,
+                                                     table.group_size, tokens[:, k])
         elif isinstance(table, nn.Embedding) and table.weight.dtype == mx.float32:
-            out[k] = _host(table.weight)[np.maximum(tokens[:, k], 0)]
-    for (bits, group, dtype, _), ks in groups.items():
-        rows = [np.maximum(tokens[:, k], 0) for k in ks]
-        # little-endian words: the elements in byte order, two per byte at 4 bits (even ones low)
-        packed = np.stack([_host(tables[k].weight).view(np.uint8)[r] for k, r in zip(ks, rows)])
-        q = np.stack([packed & 0xF, packed >> 4], axis=-1) if bits == 4 else packed
-        q = q.reshape(*packed.shape[:2], -1, group).astype(np.float32)
-        scales = np.stack([_float32_rows(tables[k].scales, r) for k, r in zip(ks, rows)])[..., None]
-        biases = np.stack([_float32_rows(tables[k].biases, r) for k, r in zip(ks, rows)])[..., None]
-        if dtype == mx.bfloat16:  # MLX rounds to bfloat16 after each operation
-            values = _round_bfloat16(_round_bfloat16(scales * q) + biases)
-        else:
-            values = scales * q + biases
-        values = values.reshape(*packed.shape[:2], -1)
-        for i, k in enumerate(ks):
-            out[k] = values[i]
-    for k, rows in enumerate(out):
-        if rows is not None:
+            rows = _host(table.weight)[np.maximum(tokens[:, k], 0)]
             out[k] = np.where((tokens[:, k] >= 0)[:, None], rows, np.float32(0))
     return out
 

@@ -139,6 +139,20 @@ def host_products_apply(weight: mx.array, scales: mx.array, biases: mx.array, bi
             and scales.dtype in (mx.bfloat16, mx.float32) and biases.dtype == scales.dtype)
 
 
+def embedding_rows_host(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int,
+                        tokens: np.ndarray) -> np.ndarray:
+    """Rows of a 4/8-bit quantized embedding table for tokens [rows] (−1: zeros) as float32
+    [rows, dim], bitwise what MLX's lookup gives (its bfloat16 roundings included). Only where
+    `host_products_apply` (the parameters evaluated)."""
+    vocab = weight.shape[0]
+    dim = weight.shape[1] * 32 // bits
+    tokens = np.ascontiguousarray(tokens, np.int32)
+    out = np.empty((len(tokens), dim), np.float32)
+    _module().embedding_rows(weight, scales, biases, tokens, out, len(tokens), vocab, dim, bits, group_size,
+                             int(scales.dtype == mx.bfloat16))
+    return out
+
+
 # -- attention over an int8 KV cache ------------------------------------------------------------
 
 def attend_int8(q: mx.array, keys: mx.array, key_scales: mx.array, values: mx.array, value_scales: mx.array,
