@@ -1316,10 +1316,20 @@ static inline float round_bf16(float x) {
 __attribute__((optimize("fp-contract=off"))) static void dequantize_row(const uint8_t *w, const void *scales,
                                                                          const void *biases, long g0, int dim,
                                                                          int bits, int group, int bf16, float *y) {
-    for (int i = 0; i < dim; i++) {
-        const int q = bits == 4 ? (w[i / 2] >> (4 * (i & 1))) & 0xF : w[i];
-        const float s = scalar_at(scales, g0 + i / group, bf16), b = scalar_at(biases, g0 + i / group, bf16);
-        y[i] = bf16 ? round_bf16(round_bf16(s * (float)q) + b) : s * (float)q + b;
+    for (int g = 0; g < dim / group; g++) {
+        const float s = scalar_at(scales, g0 + g, bf16), b = scalar_at(biases, g0 + g, bf16);
+        float *yg = y + (long)g * group;
+        if (bits == 4) {
+            const uint8_t *wg = w + (long)g * group / 2;
+            for (int i = 0; i < group; i++) yg[i] = (float)((wg[i / 2] >> (4 * (i & 1))) & 0xF);
+        } else {
+            const uint8_t *wg = w + (long)g * group;
+            for (int i = 0; i < group; i++) yg[i] = (float)wg[i];
+        }
+        if (bf16)
+            for (int i = 0; i < group; i++) yg[i] = round_bf16(round_bf16(s * yg[i]) + b);
+        else
+            for (int i = 0; i < group; i++) yg[i] = s * yg[i] + b;
     }
 }
 #endif
