@@ -9,8 +9,6 @@ with a Kyutai-style config.json and loaded through TextToSpeech.from_pretrained.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +42,7 @@ def reference_generate(ref_lm, kyutai_mimi, tok: Path, turns, voices, cfg: float
                        padding_bonus: float = 0.0):
     """moshi's TTSModel.generate (greedy) → (frames [steps, 1 + n_q], transcript, end_step)."""
     import sentencepiece
-    from moshi.conditioners import ConditionAttributes, TensorCondition
+    from moshi.conditioners import TensorCondition
     from moshi.models.tts import StateMachine, TokenIds, TTSModel
 
     sp = sentencepiece.SentencePieceProcessor()

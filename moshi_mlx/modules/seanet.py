@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-
-from .activations import elu
 import numpy as np
 
 from ..cpu import kernels as cpu
+from .activations import elu
 from .conv import ConvState, StreamingConv1d, StreamingConvTranspose1d, residual_step, residual_step_host
 
 # One entry per layer (None for stateless ELUs, or before the first step).
