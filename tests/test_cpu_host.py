@@ -1,4 +1,4 @@
-"""The depformer's host steps (moshi_mlx/cpu/host.py) against the MLX path they replace."""
+"""Host steps (moshi_mlx/cpu/host.py; the transformers' host chunks) against the MLX path they replace."""
 from __future__ import annotations
 
 import numpy as np
@@ -140,7 +140,8 @@ def test_rope_matches_mlx_at_far_positions():
                                     offset=position))[:, :, 0]
         # both round the angle position · frequency to float32: a few units of its last place
         angle_ulp = position * 2.0 ** -23
-        np.testing.assert_allclose(host._rope(x, host._rope_angles(position, 64, 10000.0)), ref, rtol=0, atol=1e-5 + 8 * angle_ulp)
+        np.testing.assert_allclose(host.rope(x, host.rope_angles(position, 64, 10000.0)), ref, rtol=0,
+                                   atol=1e-5 + 8 * angle_ulp)
 
 
 def test_the_mlx_path_stays_where_host_steps_do_not_apply():
@@ -219,3 +220,39 @@ def test_one_step_embeddings_equal_the_mlx_path():
     for t in range(3):
         np.testing.assert_array_equal(np.array(lm._embed_step_tokens(tokens[:, :, t:t + 1], condition))[:, 0],
                                       chunk[:, t])
+
+
+def test_rowwise_transformer_chunks_on_the_host_equal_the_mlx_path(monkeypatch):
+    """Mimi's encoder transformer (rowwise products: float weights through the convolution
+    kernel) stepped on the host: the MLX path's values to float32 rounding, live (Kyutai's
+    ring, 2 steps per call), in chunks that emulate the ring (ring_step) and in exact chunks,
+    the caches wrapping; each batch item bitwise what it gets alone."""
+    from moshi_mlx.modules.transformer import Transformer, TransformerConfig
+
+    mx.random.seed(4)
+    t = Transformer(TransformerConfig(d_model=64, num_heads=4, num_layers=2, dim_feedforward=256, context=10,
+                                      layer_scale=0.5, rowwise_products=True))
+    mx.eval(t.parameters())
+    x = mx.random.normal((3, 48, 64))
+
+    def stream(state, inp, chunks):
+        outs, start = [], 0
+        for n in chunks:
+            outs.append(np.array(t.step(inp[:, start:start + n], state)[0]))
+            start += n
+        assert start == inp.shape[1]
+        return np.concatenate(outs, axis=1)
+
+    for exact_chunk, ring_step, chunks in ((None, None, [2] * 24), (8, 2, [8] * 6), (16, None, [16, 5, 16, 11])):
+        host_state = t.init_state(exact_chunk, ring_step=ring_step)
+        assert host_state.host_chunks
+        ours = stream(host_state, x, chunks)
+        alone = stream(t.init_state(exact_chunk, ring_step=ring_step), x[1:2], chunks)
+        assert np.array_equal(alone, ours[1:2])
+        with monkeypatch.context() as m:
+            m.setattr(Transformer, "_host_chunks_apply", lambda self: False)
+            mlx_state = t.init_state(exact_chunk, ring_step=ring_step)
+            assert not mlx_state.host_chunks
+            want = stream(mlx_state, x, chunks)
+        err = np.abs(ours - want).max() / np.abs(want).max()
+        assert err < 1e-5, f"{exact_chunk, ring_step}: host chunks differ from the MLX path by {err:.2e}"

@@ -19,7 +19,8 @@ kernels) keeps the MLX path, and so do chunks of several positions over the same
 `applies` says which.
 
 `embedding_rows` reads the token embeddings of such a step (33 tables for Moshi and the
-STT models) on the host too.
+STT models) on the host too. The numpy pieces (layer_norm, rope, softmax, scaled) also serve
+Mimi's encoder transformer, whose chunks run on the host (modules/transformer.py).
 
 The arithmetic is the MLX path's in float32 (the same kernels' products, the same norms, RoPE,
 softmax and SiLU, computed by numpy): results agree to float32 rounding (tests/test_cpu_host.py).
@@ -114,7 +115,7 @@ def _rms_norm(x: np.ndarray, norm) -> np.ndarray:
     return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(norm.eps))) * _host(norm.alpha)
 
 
-def _layer_norm(x: np.ndarray, norm) -> np.ndarray:
+def layer_norm(x: np.ndarray, norm) -> np.ndarray:
     """nn.LayerNorm (affine) in float32."""
     centred = x - x.mean(axis=-1, keepdims=True)
     inv = 1.0 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + np.float32(norm.eps))
@@ -133,13 +134,13 @@ def _cross_attention(layer, x: np.ndarray, kv: tuple[mx.array, mx.array], mask: 
     cross = layer.cross_attention
     B, D = x.shape
     H, Dh = cross.num_heads, cross.head_dim
-    q = _linear(_layer_norm(x, layer.norm_cross), cross.q_proj).reshape(B, H, 1, Dh)
+    q = _linear(layer_norm(x, layer.norm_cross), cross.q_proj).reshape(B, H, 1, Dh)
     keys, values = _host(kv[0]), _host(kv[1])
     scores = np.matmul(q * np.float32(Dh ** -0.5), keys.swapaxes(-1, -2))  # [B, H, 1, S]
     if mask is not None:
         scores = np.where(_host(mask)[:, None, None, :], scores, np.float32(-np.inf))
     h = np.matmul(softmax(scores), values).reshape(B, D)
-    return x + _scaled(layer, "layer_scale_cross", _linear(h, cross.out_proj))
+    return x + scaled(layer, "layer_scale_cross", _linear(h, cross.out_proj))
 
 
 def _linear(x: np.ndarray, linear) -> np.ndarray:
@@ -150,21 +151,23 @@ def _linear(x: np.ndarray, linear) -> np.ndarray:
     return y
 
 
-def _scaled(layer, name: str, h: np.ndarray) -> np.ndarray:
+def scaled(layer, name: str, h: np.ndarray) -> np.ndarray:
+    """h times the layer's LayerScale `name`, if it has one."""
     return h * _host(layer[name].scale) if name in layer else h
 
 
-def _rope_angles(position: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+def rope_angles(position: int | np.ndarray, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of position · base^(−2i/Dh), in float32 as mx.fast.rope computes them:
-    the same for every layer of a step, so made once per step."""
+    the same for every layer of a step, so made once per step. Positions [T] give [T, Dh/2]."""
     half = head_dim // 2
     inv_freq = np.exp(np.arange(half, dtype=np.float32) * np.float32(-np.log(base) / half))
-    theta = np.float32(position) * inv_freq
+    theta = np.asarray(position, np.float32)[..., None] * inv_freq
     return np.cos(theta), np.sin(theta)
 
 
-def _rope(x: np.ndarray, angles: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """mx.fast.rope(traditional=True) of x [..., Dh]: pairs (2i, 2i+1) rotated by `angles`."""
+def rope(x: np.ndarray, angles: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """mx.fast.rope(traditional=True) of x [..., Dh]: pairs (2i, 2i+1) rotated by `angles`
+    ([Dh/2] for one position, or [T, Dh/2] for x [..., T, Dh])."""
     cos, sin = angles
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
@@ -190,19 +193,19 @@ def layer_step(layer, x: np.ndarray, cache, offset: int, angles: tuple[np.ndarra
     qkv = _linear(_rms_norm(x, layer.norm1), in_proj).reshape(B, 3, H, Dh)
     q, k = qkv[:, 0], qkv[:, 1]
     if cfg.positional_embedding == "rope":
-        q, k = _rope(q, angles), _rope(k, angles)
+        q, k = rope(q, angles), rope(k, angles)
     cache.update_host(k, qkv[:, 2])
     # One position over a ring of `context` slots (or a context-free cache): every written
     # slot is visible, as the MLX path's mask says for a single step.
     h = cache.attend_host(q, Dh ** -0.5).reshape(B, D)
-    x = x + _scaled(layer, "layer_scale_1", _linear(h, out_proj))
+    x = x + scaled(layer, "layer_scale_1", _linear(h, out_proj))
     if cfg.cross_attention:
         x = _cross_attention(layer, x, cross_kv, cross_mask)
 
     a, b = np.split(_linear(_rms_norm(x, layer.norm2), gating.linear_in), 2, axis=-1)
     with np.errstate(over="ignore"):  # exp(−a) = inf for a ≪ 0 gives silu(a) = −0, as it should
         h = _linear(a / (1.0 + np.exp(-a)) * b, gating.linear_out)
-    return x + _scaled(layer, "layer_scale_2", h)
+    return x + scaled(layer, "layer_scale_2", h)
 
 
 def step(transformer, x: mx.array, caches: list, offset: int, cross_kv: list | None = None,
@@ -211,7 +214,7 @@ def step(transformer, x: mx.array, caches: list, offset: int, cross_kv: list | N
     B, T, D = x.shape
     h = np.array(x.astype(mx.float32), copy=True).reshape(B, D)
     cfg = transformer.cfg
-    angles = _rope_angles(offset, D // cfg.num_heads, cfg.max_period) if cfg.positional_embedding == "rope" else None
+    angles = rope_angles(offset, D // cfg.num_heads, cfg.max_period) if cfg.positional_embedding == "rope" else None
     for i, (layer, cache) in enumerate(zip(transformer.layers, caches)):
         h = layer_step(layer, h, cache, offset, angles, cross_kv[i] if cross_kv else None, cross_mask)
     return mx.array(h.reshape(B, 1, D)).astype(x.dtype)

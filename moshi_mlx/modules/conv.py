@@ -44,6 +44,23 @@ class ConvWeight:
         return self.packed
 
 
+def _rowwise_weight(linear: nn.Linear) -> ConvWeight:
+    prepared = getattr(linear, "_as_conv", None)
+    if prepared is None or prepared.source is not linear.weight:
+        prepared = ConvWeight(linear.weight, linear.weight[:, None, :])
+        object.__setattr__(linear, "_as_conv", prepared)  # not a parameter
+    return prepared
+
+
+def rowwise_linear_host(linear: nn.Linear, x: np.ndarray) -> np.ndarray:
+    """rowwise_linear on a host buffer x [..., K] (float32), where the CPU kernels run."""
+    prepared = _rowwise_weight(linear)
+    rows = np.ascontiguousarray(x, np.float32).reshape(1, -1, x.shape[-1])
+    bias = _evaluated_bias(linear)
+    y = cpu.conv1d_host(None, rows, prepared.packed_for_kernel, bias, linear.weight.shape[0], 1, 1, 1, False)
+    return y.reshape(*x.shape[:-1], -1)
+
+
 def rowwise_linear(linear: nn.Linear, x: mx.array) -> mx.array:
     """linear(x) with each row of x computed as if alone. BLAS picks its kernels, and so its
     summation order, by the number of rows; the CPU kernel of SEANet's convolutions sums in
@@ -53,10 +70,7 @@ def rowwise_linear(linear: nn.Linear, x: mx.array) -> mx.array:
     codes each gets alone. The kernel's weight layout is made on first use (and again if
     the weight is replaced). Where the kernel does not run (Metal, other CPUs), the plain
     product."""
-    prepared = getattr(linear, "_as_conv", None)
-    if prepared is None or prepared.source is not linear.weight:
-        prepared = ConvWeight(linear.weight, linear.weight[:, None, :])
-        object.__setattr__(linear, "_as_conv", prepared)  # not a parameter
+    prepared = _rowwise_weight(linear)
     y = cpu.conv1d(None, x, prepared.packed_for_kernel, linear.bias if "bias" in linear else None,
                    linear.weight.shape[0], 1, 1, 1, False)
     return linear(x) if y is None else y

@@ -88,6 +88,21 @@ class KVCache:
             self.values[:, :, slot] = v
         self.offset += 1
 
+    def update_host_chunk(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Write T steps k, v [B, H, T, Dh] (float32 numpy) into a host cache's ring (T at most
+        the capacity, as `update` requires)."""
+        T = k.shape[2]
+        if T > self.capacity:
+            raise ValueError(f"KVCache: chunk of {T} steps exceeds the capacity {self.capacity}")
+        if self.bits or self.keys is None:
+            for t in range(T):
+                self.update_host(k[:, :, t], v[:, :, t])
+            return
+        slots = (self.offset + np.arange(T)) % self.capacity
+        self.keys[:, :, slots] = k
+        self.values[:, :, slots] = v
+        self.offset += T
+
     def attend_host(self, q: np.ndarray, scale: float) -> np.ndarray:
         """A host cache's attention of one query step q [B, H, Dh] over every written slot."""
         n = self.valid

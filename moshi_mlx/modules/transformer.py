@@ -16,7 +16,7 @@ import numpy as np
 from ..cpu import host as cpu_host
 from ..cpu import kernels as cpu
 from .activations import gelu, softmax
-from .conv import rowwise_linear
+from .conv import rowwise_linear, rowwise_linear_host
 from .kv_cache import KVCache
 
 
@@ -111,9 +111,10 @@ def sin_embedding(positions: np.ndarray, dim: int, max_period: float) -> mx.arra
     return mx.concatenate([mx.cos(phase), mx.sin(phase)], axis=-1)
 
 
-def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None,
-                    ring_step: int | None = None) -> mx.array | None:
-    """Boolean [Tq, Tk] mask: key visible if written, not in the future, within the context.
+def _visible(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None,
+             ring_step: int | None = None) -> np.ndarray | None:
+    """Boolean [Tq, Tk] mask: key visible if written, not in the future, within the context
+    (None: all visible).
 
     ring_step=r: what Kyutai's ring of `context` entries shows when it is fed r steps per
     call (written before attending): the i-th query of a call (i = pos mod r) sees only
@@ -124,9 +125,14 @@ def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None,
     if context is not None:
         window = context if ring_step is None else context - (ring_step - 1 - pos_q % ring_step)[:, None]
         ok &= delta < window
-    if ok.all():
-        return None
-    return mx.array(ok)
+    return None if ok.all() else ok
+
+
+def _attention_mask(pos_q: np.ndarray, pos_k: np.ndarray, context: int | None,
+                    ring_step: int | None = None) -> mx.array | None:
+    """_visible as an MLX array."""
+    ok = _visible(pos_q, pos_k, context, ring_step)
+    return None if ok is None else mx.array(ok)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
@@ -292,6 +298,30 @@ class TransformerLayer(nn.Module):
         return x + (self.layer_scale_2(h) if "layer_scale_2" in self else h)
 
 
+def _host_chunk_layer(layer: TransformerLayer, x: np.ndarray, cache: KVCache, angles, visible: np.ndarray | None
+                      ) -> np.ndarray:
+    """One layer of `Transformer._host_chunk_step` for x [B, T, D] (numpy)."""
+    B, T, D = x.shape
+    attn = layer.self_attn
+    H, Dh = attn.num_heads, attn.head_dim
+    qkv = rowwise_linear_host(attn.in_proj, cpu_host.layer_norm(x, layer.norm1))
+    q, k, v = qkv.reshape(B, T, 3, H, Dh).transpose(2, 0, 3, 1, 4)  # [B, H, T, Dh] each
+    if angles is not None:
+        q, k = cpu_host.rope(q, angles), cpu_host.rope(k, angles)
+    cache.update_host_chunk(np.ascontiguousarray(k), np.ascontiguousarray(v))
+    n = cache.valid
+    # one 2-D product per (item, head), whatever the batch: each item's bits are its own
+    scores = np.matmul(q * np.float32(Dh ** -0.5), cache.keys[:, :, :n].swapaxes(-1, -2))  # [B, H, T, n]
+    if visible is not None:
+        scores = np.where(visible, scores, np.float32(-np.inf))
+    h = np.matmul(cpu_host.softmax(scores), cache.values[:, :, :n]).transpose(0, 2, 1, 3).reshape(B, T, D)
+    x = x + cpu_host.scaled(layer, "layer_scale_1", rowwise_linear_host(attn.out_proj, h))
+    h = rowwise_linear_host(layer.linear1, cpu_host.layer_norm(x, layer.norm2))
+    # MLX's fused GELU (exact erf) for the activation: one evaluation, the same function as the MLX path
+    h = rowwise_linear_host(layer.linear2, np.array(gelu(mx.array(h))))
+    return x + cpu_host.scaled(layer, "layer_scale_2", h)
+
+
 @dataclass
 class TransformerState:
     """A stream's position and its layers' KV caches (made by `Transformer.init_state`)."""
@@ -303,6 +333,7 @@ class TransformerState:
     cross_kv: list[tuple[mx.array, mx.array]] | None = None  # per layer, from the conditioning source
     cross_mask: mx.array | None = None  # [B, S]: the source positions each item attends to (None: all)
     host: bool = False  # one-position steps run on the host (cpu/host.py), over host caches
+    host_chunks: bool = False  # every step runs on the host (_host_chunk_step: Mimi's encoder)
 
 
 class Transformer(nn.Module):
@@ -384,9 +415,37 @@ class Transformer(nn.Module):
         # host steps attend over every written slot: a ring of exactly `context` slots
         host = exact_chunk is None and (self.cfg.context is None or capacity == self.cfg.context) \
             and cpu_host.applies(self)
-        return TransformerState([KVCache(capacity, bits, host=host) for _ in self.layers],
+        chunks = self._host_chunks_apply() and bits is None
+        return TransformerState([KVCache(capacity, bits, host=host or chunks) for _ in self.layers],
                                 max_chunk=exact_chunk or capacity, ring_step=ring_step if exact_chunk else None,
-                                cross_kv=self.source_kv(cross_source), cross_mask=cross_mask, host=host)
+                                cross_kv=self.source_kv(cross_source), cross_mask=cross_mask, host=host,
+                                host_chunks=chunks)
+
+    def _host_chunks_apply(self) -> bool:
+        """Whether _host_chunk_step runs this transformer: Mimi's encoder (rowwise products, so
+        float32 weights through the convolution kernel; LayerNorm, RoPE, GELU, causal) on the
+        CPU backend with the kernels."""
+        cfg = self.cfg
+        layer = self.layers[0] if self.layers else None
+        return (cfg.rowwise_products and layer is not None and cpu.kernels_available()
+                and mx.default_device() == mx.cpu and cfg.norm == "layer_norm" and cfg.gating == "none"
+                and cfg.positional_embedding in ("rope", "none") and cfg.causal and not cfg.weights_per_step
+                and not cfg.cross_attention and layer.self_attn.in_proj.weight.dtype == mx.float32)
+
+    def _host_chunk_step(self, x: np.ndarray, state: TransformerState, visible: np.ndarray | None) -> np.ndarray:
+        """A chunk x [B, T, D] through every layer on host buffers: numpy between the kernel's
+        products. Why: Mimi's encoder runs its linear layers through the convolution kernel
+        (rowwise products), and through MLX every such call evaluates the graph before it: 4
+        round trips to MLX's scheduler per layer and step, plus ~25 small operations, cost more
+        than the products for a frame of a few streams. Same arithmetic as the MLX path
+        (LayerNorm, RoPE, softmax in numpy: equal to float32 rounding)."""
+        angles = None
+        if self.cfg.positional_embedding == "rope":
+            positions = np.arange(state.offset, state.offset + x.shape[1])
+            angles = cpu_host.rope_angles(positions, self.layers[0].self_attn.head_dim, self.cfg.max_period)
+        for layer, cache in zip(self.layers, state.caches):
+            x = _host_chunk_layer(layer, x, cache, angles, visible)
+        return x
 
     def step(self, x: mx.array, state: TransformerState) -> tuple[mx.array, TransformerState]:
         """x [B, T, D] after `state` → (y, state); the caches are updated in place."""
@@ -401,6 +460,11 @@ class Transformer(nn.Module):
         # Every layer's cache holds the same positions: build the mask once per step.
         pos_q = np.arange(state.offset, state.offset + T)
         pos_k = KVCache.positions(state.caches[0].capacity, state.offset + T)
+        if state.host_chunks:
+            visible = _visible(pos_q, pos_k, self.cfg.context, state.ring_step)
+            y = mx.array(self._host_chunk_step(np.array(x, np.float32), state, visible))
+            state.offset += T
+            return y, state
         mask = _attention_mask(pos_q, pos_k, self.cfg.context, state.ring_step) if self.cfg.causal else None
         x = self._add_positions(x, state.offset)
         cross = state.cross_kv or [None] * len(self.layers)
