@@ -236,6 +236,8 @@ def test_rvq_nearest_code_kernel_matches_mlx(monkeypatch):
     np.testing.assert_array_equal(got, _mlx_rvq_codes(rvq_direct, near, 6, monkeypatch))
     rvq_direct.codebooks = mx.ones((2, 1024, 64))  # all codes equal (an untrained codebook)
     np.testing.assert_array_equal(np.array(rvq_direct.encode(near, 2)), 0)
+    # the kernel searches rows in fours, then one by one: ties in both
+    np.testing.assert_array_equal(np.array(rvq_direct.encode(mx.concatenate([near, near[:, :2]], axis=1), 2)), 0)
 
 
 def test_rvq_kernel_rejects_bad_shapes():

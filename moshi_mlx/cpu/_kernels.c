@@ -948,12 +948,36 @@ TARGET static inline float squared_distance(const float *a, const float *b, int 
     return hsum(_mm256_add_ps(s0, s1));
 }
 
+/* squared_distance of four rows to one code, each summed exactly as squared_distance sums it:
+   the code's vectors are loaded once for the four (loads bounded the one-row loop). */
+TARGET static inline void squared_distances4(const float *r, long stride, const float *b, int D, float *out) {
+    __m256 s0[4], s1[4];
+    for (int i = 0; i < 4; i++) s0[i] = s1[i] = _mm256_setzero_ps();
+    for (int k = 0; k < D; k += 16) {
+        const __m256 b0 = _mm256_loadu_ps(b + k), b1 = _mm256_loadu_ps(b + k + 8);
+        for (int i = 0; i < 4; i++) {
+            const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(r + i * stride + k), b0);
+            const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(r + i * stride + k + 8), b1);
+            s0[i] = _mm256_fmadd_ps(d0, d0, s0[i]);
+            s1[i] = _mm256_fmadd_ps(d1, d1, s1[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) out[i] = hsum(_mm256_add_ps(s0[i], s1[i]));
+}
+
 TARGET static void *nearest_thread_main(void *arg) {
     const NearestJob *j = arg;
+    const int M4 = j->M - j->M % 4;
     for (int m = 0; m < j->M; m++) j->best_d[m] = INFINITY, j->best_j[m] = j->j0;
     for (int c = j->j0; c < j->j1; c++) {
         const float *code = j->cb + (long)c * j->D;
-        for (int m = 0; m < j->M; m++) {
+        for (int m = 0; m < M4; m += 4) {
+            float d[4];
+            squared_distances4(j->r + (long)m * j->D, j->D, code, j->D, d);
+            for (int i = 0; i < 4; i++)
+                if (d[i] < j->best_d[m + i]) j->best_d[m + i] = d[i], j->best_j[m + i] = c;
+        }
+        for (int m = M4; m < j->M; m++) {
             const float d = squared_distance(j->r + (long)m * j->D, code, j->D);
             if (d < j->best_d[m]) j->best_d[m] = d, j->best_j[m] = c;
         }
