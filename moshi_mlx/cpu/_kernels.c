@@ -1083,10 +1083,10 @@ done:
 /* attend_int8(q, kq, ks, vq, vs, out, BH, S, n, Dh, scale, threads) */
 static PyObject *attend_int8(PyObject *self, PyObject *args) {
     PyObject *oq, *okq, *oks, *ovq, *ovs, *oy;
-    int BH, S, n, Dh, threads;
+    int BH, S, n, Dh, threads, spin_us = 0;
     float scale;
-    if (!PyArg_ParseTuple(args, "OOOOOOiiiifi", &oq, &okq, &oks, &ovq, &ovs, &oy, &BH, &S, &n, &Dh, &scale,
-                          &threads))
+    if (!PyArg_ParseTuple(args, "OOOOOOiiiifi|i", &oq, &okq, &oks, &ovq, &ovs, &oy, &BH, &S, &n, &Dh, &scale,
+                          &threads, &spin_us))
         return NULL;
 #if !HAVE_KERNEL
     PyErr_SetString(PyExc_RuntimeError, "attend_int8: not available on this platform");
@@ -1112,7 +1112,7 @@ static PyObject *attend_int8(PyObject *self, PyObject *args) {
         jobs[t] = (AttnJob){b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, out, S, n, Dh, BH * t / threads,
                             BH * (t + 1) / threads, scale, 0};
     Py_BEGIN_ALLOW_THREADS
-    run_parallel(attn_thread_main, jobs, sizeof(AttnJob), threads, 0);
+    run_parallel(attn_thread_main, jobs, sizeof(AttnJob), threads, 1000L * spin_us);
     Py_END_ALLOW_THREADS
     int failed = 0;
     for (int t = 0; t < threads; t++) failed |= jobs[t].failed;

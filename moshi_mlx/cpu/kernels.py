@@ -170,11 +170,12 @@ def attend_int8(q: mx.array, keys: mx.array, key_scales: mx.array, values: mx.ar
 
 def attend_int8_host(q: np.ndarray, keys: np.ndarray, key_scales: np.ndarray, values: np.ndarray,
                      value_scales: np.ndarray, valid: int, scale: float) -> np.ndarray:
-    """attend_int8 over host buffers: q [B·H, Dh], caches [B, H, slots, Dh] → [B·H, Dh]."""
+    """attend_int8 over host buffers: q [B·H, Dh], caches [B, H, slots, Dh] → [B·H, Dh]. A host
+    step's next product follows within microseconds: the workers wait for it awake."""
     BH, Dh = q.shape
     out = np.empty((BH, Dh), np.float32)
     _module().attend_int8(np.ascontiguousarray(q, np.float32), keys, key_scales, values, value_scales, out, BH,
-                          keys.shape[2], valid, Dh, scale, threads())
+                          keys.shape[2], valid, Dh, scale, threads(), SPIN_US)
     return out
 
 
