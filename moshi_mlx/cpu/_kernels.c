@@ -541,7 +541,29 @@ TARGET static void run_attn(const AttnJob *j) {
         const int8_t *K = j->kq + (long)h * j->S * Dh, *V = j->vq + (long)h * j->S * Dh;
         const float *ks = j->ks + (long)h * j->S, *vs = j->vs + (long)h * j->S;
         float mx = -INFINITY;
-        for (int s = 0; s < n; s++) {
+        int s = 0;
+        /* four slots at a time: each slot's two FMA chains are as below, but four slots' chains
+           interleave instead of one slot waiting on its FMA latency */
+        for (; s + 4 <= n; s += 4) {
+            const int8_t *k = K + (long)s * Dh;
+            __m256 a[4], b[4];
+            for (int i = 0; i < 4; i++) a[i] = b[i] = _mm256_setzero_ps();
+            int d = 0;
+            for (; d + 16 <= Dh; d += 16) {
+                const __m256 qa = _mm256_loadu_ps(q + d), qb = _mm256_loadu_ps(q + d + 8);
+                for (int i = 0; i < 4; i++) {
+                    a[i] = _mm256_fmadd_ps(i8_to_ps(k + (long)i * Dh + d), qa, a[i]);
+                    b[i] = _mm256_fmadd_ps(i8_to_ps(k + (long)i * Dh + d + 8), qb, b[i]);
+                }
+            }
+            if (d < Dh)
+                for (int i = 0; i < 4; i++) a[i] = _mm256_fmadd_ps(i8_to_ps(k + (long)i * Dh + d), _mm256_loadu_ps(q + d), a[i]);
+            for (int i = 0; i < 4; i++) {
+                p[s + i] = hsum(_mm256_add_ps(a[i], b[i])) * ks[s + i] * j->scale;
+                if (p[s + i] > mx) mx = p[s + i];
+            }
+        }
+        for (; s < n; s++) {
             const int8_t *k = K + (long)s * Dh;
             __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
             int d = 0;
