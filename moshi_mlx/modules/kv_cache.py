@@ -43,8 +43,9 @@ class KVCache:
             raise ValueError(f"KV cache bits must be None (compute dtype) or 8, got {bits}")
         self.capacity = capacity
         self.bits = bits
-        # host=True: numpy buffers, for layer steps run on the host (cpu/host.py); update()
-        # and fetch() still work, converting, so either path can extend the cache.
+        # host=True: numpy buffers, for layer steps run on the host (cpu/host.py, and the
+        # chunks of Transformer._host_chunk_step); update() and fetch() still work, converting,
+        # so either path can extend the cache.
         self.host = host
         # [B, H, slots, Dh] (int8 when bits=8), and the int8 scales [B, H, slots, 1]
         self.keys: mx.array | np.ndarray | None = None
