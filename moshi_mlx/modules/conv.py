@@ -215,7 +215,7 @@ def _evaluated_bias(conv) -> mx.array | None:
     """A convolution's bias, evaluated (the kernels read its buffer)."""
     if "bias" not in conv:
         return None
-    mx.eval(conv.bias)  # free once evaluated
+    mx.eval(conv.bias)  # costs nothing once evaluated
     return conv.bias
 
 
@@ -315,12 +315,17 @@ class StreamingConvTranspose1d(nn.Module):
                 y = y + x[:, i:i + T, None, :] * p[i]  # [B, T, S, C]
             y = y.reshape(B, T * S, -1)
             return (y + bias if bias is not None else y), state
-        if bias is not None:  # one bias per output (phase, channel), made once per parameter
-            if self._phase_bias is None or self._phase_bias[0] is not bias:
-                self._phase_bias = (bias, mx.tile(bias, S))
-            bias = self._phase_bias[1]
+        if bias is not None:
+            bias = self._bias_per_phase()
         y = valid_conv(previous, x, self._conv_weight(), 1, 1, bias, elu_input)
         return y.reshape(B, T * S, self.out_channels), state
+
+    def _bias_per_phase(self) -> mx.array:
+        """One bias per output (phase, channel), made and evaluated once per parameter."""
+        if self._phase_bias is None or self._phase_bias[0] is not self.bias:
+            self._phase_bias = (self.bias, mx.tile(self.bias, self.stride))
+            mx.eval(self._phase_bias[1])
+        return self._phase_bias[1]
 
     def step_host(self, x: np.ndarray, state: ConvState | None = None, elu_input: bool = False
                   ) -> tuple[np.ndarray, ConvState | None]:
@@ -328,12 +333,7 @@ class StreamingConvTranspose1d(nn.Module):
         B, T, _ = x.shape
         S, m = self.stride, self.taps
         previous, state = _context_host(x, state, m - 1, replicate=False)
-        bias = None
-        if "bias" in self:
-            if self._phase_bias is None or self._phase_bias[0] is not self.bias:
-                self._phase_bias = (self.bias, mx.tile(self.bias, S))
-            bias = self._phase_bias[1]
-            mx.eval(bias)
+        bias = self._bias_per_phase() if "bias" in self else None
         w = self._conv_weight()
         y = cpu.conv1d_host(previous, x, w.packed_for_kernel, bias, w.weight.shape[0], m, 1, 1, elu_input)
         return y.reshape(B, T * S, self.out_channels), state
